@@ -1,0 +1,188 @@
+"""Command-line interface: ``python -m bench run | list | report``.
+
+``run`` with no options runs the built-in quickstart suite (MovieLens-100K,
+``full`` and ``random`` at 20 and 50 sequences, 3 seeds, plus the popularity
+reference) and prints the leaderboard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+from bench.errors import BenchError
+
+logger = logging.getLogger("bench")
+
+
+def _csv(kind):
+    def parse(text: str):
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}")
+
+    return parse
+
+
+def _parse_set(items: list[str]) -> dict:
+    overrides = {}
+    for item in items:
+        if "=" not in item:
+            raise BenchError(f"--set {item!r}: expected KEY=VALUE, e.g. --set protocol.max_steps=500")
+        key, value = item.split("=", 1)
+        try:
+            overrides[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            overrides[key.strip()] = value
+    return overrides
+
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="folder with DATASET/DATASET.inter atomic folders and raw files "
+                             "(default: $BENCH_DATA_DIR, else the data home)")
+    parser.add_argument("--data-home", type=Path, default=None,
+                        help="folder where downloaded datasets are cached "
+                             "(default: $BENCH_DATA_HOME, else ~/.cache/text-rec-distill-bench)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command")
+
+    run = sub.add_parser("run", help="run a suite and print its leaderboard")
+    run.add_argument("--suite", default="quickstart",
+                     help="built-in suite name or path of a suite TOML file (default: quickstart)")
+    run.add_argument("--datasets", type=_csv(str), help="comma-separated dataset names (replace the suite's)")
+    run.add_argument("--methods", type=_csv(str), help="comma-separated method names (replace the suite's)")
+    run.add_argument("--budgets", type=_csv(int), help="comma-separated numbers of sequences per budget")
+    run.add_argument("--seq-len", type=int, help="maximum items per budgeted sequence")
+    run.add_argument("--seeds", type=_csv(int), help="comma-separated seeds, e.g. 0,1,2")
+    run.add_argument("--name", help="suite name used for the records folder (default: the suite's)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a suite value by dotted key, e.g. protocol.max_steps=500 or "
+                          "method.random.x=1; repeatable")
+    run.add_argument("--no-pop", action="store_true", help="skip the most-popular reference row")
+    run.add_argument("--wall-cap-s", type=float, help="wall-time cap of one distillation, seconds")
+    run.add_argument("--rss-cap-mib", type=float, help="resident-memory cap of one distillation, MiB")
+    run.add_argument("--out", type=Path, default=Path("reports"),
+                     help="output folder for records, caches and leaderboards (default: reports)")
+    _add_data_options(run)
+
+    listing = sub.add_parser("list", help="print registered methods, then the datasets found")
+    _add_data_options(listing)
+
+    prepare = sub.add_parser("prepare", help="encode item texts and build the expert trajectory of a suite's datasets")
+    prepare.add_argument("--suite", default="quickstart", help="built-in suite name or path of a suite TOML file")
+    prepare.add_argument("--datasets", type=_csv(str), help="comma-separated dataset names (replace the suite's)")
+    prepare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a suite value by dotted key, e.g. expert.epochs=5; repeatable")
+    prepare.add_argument("--out", type=Path, default=Path("reports"),
+                         help="output folder whose cache/ receives the vectors and checkpoints (default: reports)")
+    _add_data_options(prepare)
+
+    report = sub.add_parser("report", help="rebuild a suite's leaderboard from its records")
+    report.add_argument("--suite", default="quickstart", help="suite name (records folder under OUT/runs)")
+    report.add_argument("--out", type=Path, default=Path("reports"), help="output folder (default: reports)")
+    return parser
+
+
+def _configure_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity < 0 else logging.INFO if verbosity < 2 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _cmd_run(args) -> int:
+    from bench.report import render_markdown, write_reports
+    from bench.runner import load_suite, run_suite
+
+    overrides = _parse_set(args.set)
+    for option, key in (("datasets", "datasets"), ("methods", "methods"), ("budgets", "budgets"),
+                        ("seq_len", "seq_len"), ("seeds", "seeds"), ("name", "name")):
+        value = getattr(args, option)
+        if value is not None:
+            overrides[key] = value
+    if args.no_pop:
+        overrides["include_pop"] = False
+    if args.wall_cap_s is not None:
+        overrides["caps.wall_s"] = args.wall_cap_s
+    if args.rss_cap_mib is not None:
+        overrides["caps.rss_mib"] = args.rss_cap_mib
+    suite = load_suite(args.suite, overrides)
+
+    start = time.perf_counter()
+    records = run_suite(suite, data_dir=args.data_dir, data_home=args.data_home, out_dir=args.out)
+    elapsed = time.perf_counter() - start
+    folder = args.out / suite.name
+    paths = write_reports(records, folder, title=f"Leaderboard: suite {suite.name}")
+    print(render_markdown(records))
+    print(f"Wrote {paths['markdown']} and {paths['csv']}.")
+    print(f"Suite {suite.name} finished in {elapsed:.1f} s.")
+    return 0
+
+
+def _cmd_prepare(args) -> int:
+    from bench.runner import load_suite, prepare_suite
+
+    overrides = _parse_set(args.set)
+    if args.datasets is not None:
+        overrides["datasets"] = args.datasets
+    suite = load_suite(args.suite, overrides)
+    start = time.perf_counter()
+    for dataset, amortised in prepare_suite(suite, data_dir=args.data_dir, data_home=args.data_home,
+                                            out_dir=args.out).items():
+        expert = amortised.get("expert", {})
+        print(f"{dataset}: text vectors {amortised['encode']['wall_s']:.1f} s, expert trajectory of "
+              f"{expert.get('epochs')} epochs (best epoch {expert.get('best_epoch')}) "
+              f"built in {expert.get('build_s', 0.0):.1f} s")
+    print(f"Prepared in {time.perf_counter() - start:.1f} s.")
+    return 0
+
+
+def _cmd_list(args) -> int:
+    from bench.data import list_datasets
+    from bench.registry import method_names
+
+    for name in method_names():
+        print(name)
+    print()
+    for name in list_datasets(args.data_dir):
+        print(name)
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from bench.records import read_records
+    from bench.report import render_markdown, write_reports
+
+    records = read_records(args.out / "runs" / args.suite)
+    if not records:
+        raise BenchError(f"no records under {args.out / 'runs' / args.suite}; run the suite first")
+    paths = write_reports(records, args.out / args.suite, title=f"Leaderboard: suite {args.suite}")
+    print(render_markdown(records))
+    print(f"Wrote {paths['markdown']}.")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    handlers = {"run": _cmd_run, "list": _cmd_list, "prepare": _cmd_prepare, "report": _cmd_report}
+    try:
+        return handlers[args.command](args)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished cells are kept and a rerun continues from the next cell", file=sys.stderr)
+        return 130

@@ -1,0 +1,164 @@
+"""Leaderboards from run records: pandas for grouping, tabulate for rendering.
+
+Rows are (method, budget) aggregated over seeds: mean and standard deviation
+of test metrics, the mean relative to full data and to the random subset of
+the same budget, and costs. Records that differ in protocol, dataset
+fingerprint or hardware are never ranked in one table: each combination gets
+its own table, and a note says why there are several.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tabulate import tabulate
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_METRICS = ("recall@10", "ndcg@10")
+
+
+def records_frame(records: list[dict]) -> pd.DataFrame:
+    """Flatten records into one row per cell."""
+    rows = []
+    for r in records:
+        costs = r.get("costs") or {}
+        synthetic = r.get("synthetic") or {}
+        budget = r.get("budget")
+        row = {
+            "dataset": r["dataset"],
+            "fingerprint": r["dataset_fingerprint"][:12],
+            "protocol": r["protocol_hash"],
+            "hardware": (r.get("environment") or {}).get("hardware", {}).get("cpu"),
+            "method": r["method"],
+            "family": r.get("family"),
+            "budget": budget["n_sequences"] if budget else None,
+            "seq_len": budget["seq_len"] if budget else None,
+            "seed": r.get("seed"),
+            "outcome": r["outcome"],
+            "error": r.get("error"),
+            "distill_wall_s": (costs.get("distill") or {}).get("wall_s"),
+            "distill_peak_rss_mib": (costs.get("distill") or {}).get("peak_rss_mib"),
+            "evaluate_wall_s": (costs.get("evaluate") or {}).get("wall_s"),
+            "storage_bytes": synthetic.get("storage_bytes"),
+            "users": r.get("users"),
+        }
+        for split in ("valid", "test"):
+            for name, value in (r.get(split) or {}).items():
+                row[f"{split}_{name}"] = value
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _aggregate(frame: pd.DataFrame, metrics) -> pd.DataFrame:
+    ok = frame[frame["outcome"] == "ok"].copy()
+    ok["budget_key"] = ok["budget"].fillna(-1)
+    grouped = ok.groupby(["method", "budget_key"], dropna=False)
+    table = grouped.agg(
+        family=("family", "first"),
+        budget=("budget", "first"),
+        seeds=("outcome", "size"),
+        **{f"{m}_mean": (f"test_{m}", "mean") for m in metrics},
+        **{f"{m}_std": (f"test_{m}", lambda s: float(np.std(s, ddof=1)) if len(s) > 1 else 0.0) for m in metrics},
+        distill_wall_s=("distill_wall_s", "mean"),
+        distill_peak_rss_mib=("distill_peak_rss_mib", "max"),
+        storage_bytes=("storage_bytes", "mean"),
+    ).reset_index()
+    failed = frame[frame["outcome"] != "ok"].groupby(["method"])["outcome"].count()
+    table["not_ok"] = table["method"].map(failed).fillna(0).astype(int)
+
+    primary = metrics[0]
+    full = table.loc[table["method"] == "full", f"{primary}_mean"]
+    full_mean = float(full.iloc[0]) if len(full) else np.nan
+    table[f"{primary}_vs_full"] = table[f"{primary}_mean"] / full_mean
+    random_by_budget = table[table["method"] == "random"].set_index("budget_key")[f"{primary}_mean"]
+    table[f"{primary}_vs_random"] = table[f"{primary}_mean"] / table["budget_key"].map(random_by_budget)
+    order = {"reference": 0, "coreset": 1, "distill": 2}
+    table["_family_order"] = table["family"].map(order).fillna(3)
+    table = table.sort_values(["budget_key", "_family_order", "method"]).drop(columns=["_family_order", "budget_key"])
+    return table
+
+
+def leaderboards(records: list[dict], metrics=DEFAULT_METRICS) -> list[tuple[dict, pd.DataFrame]]:
+    """One aggregated table per (dataset, fingerprint, protocol, hardware) group."""
+    if not records:
+        return []
+    frame = records_frame(records)
+    out = []
+    keys = ["dataset", "fingerprint", "protocol", "hardware"]
+    for values, group in frame.groupby(keys, dropna=False, sort=True):
+        out.append((dict(zip(keys, values)), _aggregate(group, metrics)))
+    return out
+
+
+def _fmt_table(table: pd.DataFrame, metrics) -> list[list]:
+    rows = []
+    primary = metrics[0]
+    for _, r in table.iterrows():
+        row = [r["method"], "all" if pd.isna(r["budget"]) else int(r["budget"]), int(r["seeds"])]
+        for m in metrics:
+            row.append(f"{r[f'{m}_mean']:.4f} ± {r[f'{m}_std']:.4f}")
+        row.append("" if pd.isna(r[f"{primary}_vs_full"]) else f"{100 * r[f'{primary}_vs_full']:.1f}%")
+        row.append("" if pd.isna(r[f"{primary}_vs_random"]) else f"{r[f'{primary}_vs_random']:.2f}x")
+        row.append("" if pd.isna(r["distill_wall_s"]) else f"{r['distill_wall_s']:.1f}")
+        row.append("" if pd.isna(r["distill_peak_rss_mib"]) else f"{r['distill_peak_rss_mib']:.0f}")
+        row.append("" if pd.isna(r["storage_bytes"]) else f"{int(r['storage_bytes']):,}")
+        row.append(int(r["not_ok"]))
+        rows.append(row)
+    return rows
+
+
+def _headers(metrics) -> list[str]:
+    primary = metrics[0]
+    return (
+        ["method", "budget", "seeds"]
+        + [f"{m} (mean ± std)" for m in metrics]
+        + [f"{primary} vs full", f"{primary} vs random", "distill wall s", "distill peak RSS MiB",
+           "stored bytes", "failed/capped"]
+    )
+
+
+def render_markdown(records: list[dict], metrics=DEFAULT_METRICS, title: str | None = None) -> str:
+    """The leaderboard of every group as Markdown text."""
+    boards = leaderboards(records, metrics)
+    if not boards:
+        return "No records yet.\n"
+    parts = [f"# {title}\n"] if title else []
+    datasets = [info["dataset"] for info, _ in boards]
+    for info, table in boards:
+        heading = f"## {info['dataset']}"
+        if datasets.count(info["dataset"]) > 1:
+            heading += " (records differ in protocol, data or hardware; ranked separately)"
+        parts.append(heading + "\n")
+        parts.append(
+            f"Dataset fingerprint `{info['fingerprint']}`, protocol `{info['protocol']}`, "
+            f"hardware: {info['hardware']}. Test metrics, mean ± sample std over seeds.\n"
+        )
+        parts.append(tabulate(_fmt_table(table, metrics), headers=_headers(metrics), tablefmt="pipe"))
+        parts.append("")
+    return "\n".join(parts) + "\n"
+
+
+def write_reports(records: list[dict], folder: Path, metrics=DEFAULT_METRICS, title: str | None = None) -> dict:
+    """Write leaderboard.md, leaderboard.csv (per-cell rows: cells.csv) and leaderboard.tex."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    markdown = render_markdown(records, metrics, title)
+    paths = {"markdown": folder / "leaderboard.md", "csv": folder / "leaderboard.csv",
+             "cells": folder / "cells.csv", "latex": folder / "leaderboard.tex"}
+    paths["markdown"].write_text(markdown, encoding="utf-8")
+    boards = leaderboards(records, metrics)
+    tables = []
+    latex = []
+    for info, table in boards:
+        tables.append(table.assign(**info))
+        latex.append(f"% {info['dataset']} protocol {info['protocol']}")
+        latex.append(tabulate(_fmt_table(table, metrics), headers=_headers(metrics), tablefmt="latex_booktabs"))
+    if tables:
+        pd.concat(tables).to_csv(paths["csv"], index=False)
+        records_frame(records).to_csv(paths["cells"], index=False)
+    paths["latex"].write_text("\n\n".join(latex) + "\n", encoding="utf-8")
+    return paths

@@ -1,0 +1,412 @@
+"""Suites and cells: expand datasets x methods x budgets x seeds and run each once.
+
+Each cell's key is hashed from the method and its resolved config, the
+budget, the seed, the dataset fingerprint and processing config, the
+protocol hash, the encoder and expert configs and the harness version. A
+cell whose record exists with outcome ``ok`` or ``capped`` is skipped on
+rerun; a ``failed`` cell runs again. Records are written atomically, so a run
+killed mid-cell leaves the finished cells untouched and no partial record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import tomllib
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from bench import __version__
+from bench.config import build_config, check_range, config_dict, stable_hash
+from bench.context import MethodContext, SharedCache, derive_seed
+from bench.data import DatasetConfig, load_dataset
+from bench.errors import BenchError, CappedError, ConfigError, suggest
+from bench.evaluator import Protocol, evaluate_popularity, evaluate_set, train_on_set
+from bench.expert import ExpertConfig
+from bench.learner import LearnerConfig
+from bench.method import Budget
+from bench.metrics import metrics_from_ranks
+from bench.profiling import CostMeter
+from bench.records import environment, read_records, write_json_atomic, RECORD_SCHEMA
+from bench.registry import build_method, get_method
+from bench.text import EncoderConfig
+
+logger = logging.getLogger(__name__)
+
+SUITE_DIR = Path(__file__).resolve().parent / "suites"
+REFERENCE_POP = "pop"
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A grid of cells plus the shared protocol.
+
+    Attributes:
+        name: suite name; records go under ``OUT/runs/NAME``.
+        datasets: dataset names (recipes or atomic folders).
+        methods: registered method names.
+        budgets: numbers of sequences per budget.
+        seq_len: maximum length of every budgeted sequence (items).
+        seeds: seeds; each cell uses one for distillation and its evaluation learner.
+        include_pop: score the most-popular reference once per dataset.
+        protocol: evaluation protocol shared by all methods.
+        encoder: text encoder config.
+        expert: expert trajectory schedule.
+        data: dataset processing overrides applied to every dataset.
+        method_configs: per-method config overrides.
+        wall_cap_s: wall-time cap of one distillation, seconds (None: no cap).
+        rss_cap_mib: resident-memory cap of one distillation, MiB (None: no cap).
+    """
+
+    name: str = "quickstart"
+    datasets: tuple[str, ...] = ("ml-100k",)
+    methods: tuple[str, ...] = ("full", "random")
+    budgets: tuple[int, ...] = (20, 50)
+    seq_len: int = 20
+    seeds: tuple[int, ...] = (0, 1, 2)
+    include_pop: bool = True
+    protocol: Protocol = field(default_factory=Protocol)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    expert: ExpertConfig = field(default_factory=ExpertConfig)
+    data: Mapping[str, Any] = field(default_factory=dict)
+    method_configs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    wall_cap_s: float | None = None
+    rss_cap_mib: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.datasets:
+            raise ConfigError("suite: datasets is empty; name at least one dataset")
+        if not self.methods:
+            raise ConfigError("suite: methods is empty; name at least one method")
+        if not self.seeds:
+            raise ConfigError("suite: seeds is empty; give at least one seed")
+        for budget in self.budgets:
+            check_range("suite", "budgets", budget, low=1)
+        check_range("suite", "seq_len", self.seq_len, low=2)
+        for name in self.methods:
+            get_method(name)
+        unknown = set(self.method_configs) - set(self.methods)
+        if unknown:
+            raise ConfigError(
+                f"suite: method_configs names {sorted(unknown)} which are not in methods {list(self.methods)}"
+            )
+        build_config(DatasetConfig, dict(self.data), where="suite data")
+
+
+_SECTIONS = {"protocol", "learner", "encoder", "expert", "data", "method", "caps"}
+_TOP_KEYS = {"name", "datasets", "methods", "budgets", "seq_len", "seeds", "include_pop"}
+
+
+def suite_from_mapping(mapping: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Suite:
+    """Build a Suite from a TOML-like mapping, then dotted ``overrides``.
+
+    Method configs live under ``method.NAME`` (TOML tables ``[method.NAME]``).
+    Overrides use dotted keys, e.g. ``{"protocol.max_steps": 100,
+    "method.foster.steps": 50, "budgets": [20]}``.
+
+    Raises:
+        ConfigError: on unknown keys or invalid values.
+    """
+    merged: dict[str, Any] = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in mapping.items()}
+    for key, value in (overrides or {}).items():
+        parts = key.split(".")
+        target = merged
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"override {key!r}: {part!r} is not a section")
+        target[parts[-1]] = value
+
+    for key in merged:
+        if key not in _TOP_KEYS | _SECTIONS:
+            raise ConfigError(f"suite: unknown key {key!r}.{suggest(key, _TOP_KEYS | _SECTIONS)}")
+
+    learner = build_config(LearnerConfig, merged.get("learner", {}), where="suite learner")
+    protocol_values = dict(merged.get("protocol", {}))
+    protocol = build_config(Protocol, protocol_values, where="suite protocol")
+    protocol = dataclasses.replace(protocol, learner=learner)
+    encoder = build_config(EncoderConfig, merged.get("encoder", {}), where="suite encoder")
+    expert = build_config(ExpertConfig, merged.get("expert", {}), where="suite expert")
+    caps = dict(merged.get("caps", {}))
+    unknown_caps = set(caps) - {"wall_s", "rss_mib"}
+    if unknown_caps:
+        raise ConfigError(f"suite caps: unknown keys {sorted(unknown_caps)}; valid keys: wall_s, rss_mib")
+
+    top = {k: merged[k] for k in _TOP_KEYS if k in merged}
+    method_configs = merged.get("method", {})
+    if not isinstance(method_configs, dict) or not all(isinstance(v, dict) for v in method_configs.values()):
+        raise ConfigError("suite: method configs must be tables [method.NAME] of key = value pairs")
+    kwargs = build_config(_SuiteTop, top, where="suite")
+    return Suite(
+        name=kwargs.name,
+        datasets=kwargs.datasets,
+        methods=kwargs.methods,
+        budgets=kwargs.budgets,
+        seq_len=kwargs.seq_len,
+        seeds=kwargs.seeds,
+        include_pop=kwargs.include_pop,
+        protocol=protocol,
+        encoder=encoder,
+        expert=expert,
+        data=dict(merged.get("data", {})),
+        method_configs={k: dict(v) for k, v in method_configs.items()},
+        wall_cap_s=caps.get("wall_s"),
+        rss_cap_mib=caps.get("rss_mib"),
+    )
+
+
+@dataclass(frozen=True)
+class _SuiteTop:
+    name: str = "quickstart"
+    datasets: tuple[str, ...] = ("ml-100k",)
+    methods: tuple[str, ...] = ("full", "random")
+    budgets: tuple[int, ...] = (20, 50)
+    seq_len: int = 20
+    seeds: tuple[int, ...] = (0, 1, 2)
+    include_pop: bool = True
+
+
+def load_suite(name_or_path: str, overrides: Mapping[str, Any] | None = None) -> Suite:
+    """Load a suite TOML file by path or by name from the built-in suites."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = SUITE_DIR / f"{name_or_path}.toml"
+    if not path.exists():
+        known = sorted(p.stem for p in SUITE_DIR.glob("*.toml"))
+        raise ConfigError(
+            f"suite {name_or_path!r} not found.{suggest(name_or_path, known)} "
+            f"Built-in suites: {', '.join(known)}; or pass the path of a TOML file."
+        )
+    try:
+        mapping = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"suite file {path} is not valid TOML: {exc}") from exc
+    return suite_from_mapping(mapping, overrides)
+
+
+# Cells --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (dataset, method, budget, seed) unit of work."""
+
+    dataset: str
+    method: str
+    budget: Budget | None
+    seed: int | None
+
+    def label(self) -> str:
+        budget = self.budget.label() if self.budget else "all"
+        seed = "-" if self.seed is None else str(self.seed)
+        return f"{self.dataset}/{self.method}/{budget}/seed {seed}"
+
+
+def expand_cells(suite: Suite, dataset: str) -> list[Cell]:
+    """The cells of one dataset in run order: pop, then methods x budgets x seeds."""
+    cells = [Cell(dataset, REFERENCE_POP, None, None)] if suite.include_pop else []
+    for name in suite.methods:
+        method_cls = get_method(name)
+        budgets = [Budget(b, suite.seq_len) for b in suite.budgets] if method_cls.uses_budget else [None]
+        if method_cls.uses_budget and not suite.budgets:
+            raise ConfigError(f"suite: method {name!r} needs budgets; set budgets = [20, 50] or similar")
+        for budget in budgets:
+            for seed in suite.seeds:
+                cells.append(Cell(dataset, name, budget, seed))
+    return cells
+
+
+def cell_key(cell: Cell, suite: Suite, fingerprint: str, method_config: dict | None) -> str:
+    """Hash of everything that can change the cell's result."""
+    method_version = get_method(cell.method).version if cell.method != REFERENCE_POP else "1"
+    return stable_hash(
+        {
+            "method": cell.method,
+            "method_version": method_version,
+            "method_config": method_config,
+            "budget": dataclasses.asdict(cell.budget) if cell.budget else None,
+            "seed": cell.seed,
+            "data": fingerprint,
+            "data_config": dict(suite.data),
+            "protocol": suite.protocol.hash() if cell.method != REFERENCE_POP else list(suite.protocol.ks),
+            "encoder": config_dict(suite.encoder),
+            "expert": config_dict(suite.expert),
+            "bench_version": __version__,
+        },
+        length=20,
+    )
+
+
+def record_path(out_dir: Path, suite: Suite, cell: Cell, key: str) -> Path:
+    budget = cell.budget.label() if cell.budget else "all"
+    seed = "na" if cell.seed is None else str(cell.seed)
+    return out_dir / "runs" / suite.name / cell.dataset / cell.method / f"{budget}-seed{seed}-{key}.json"
+
+
+# Running ------------------------------------------------------------------
+
+
+def _make_probe(cache: SharedCache, protocol: Protocol, seed: int):
+    """Validation probe for methods: a short training, scored on validation users only."""
+
+    def probe(synthetic, max_steps: int = 300, n_users: int = 2000) -> float:
+        data = cache.data
+        n_eval = len(data.evaluated_users)
+        rng = np.random.default_rng(derive_seed(seed, "probe-users"))
+        users = None if n_eval <= n_users else np.sort(rng.choice(n_eval, n_users, replace=False))
+        short = dataclasses.replace(protocol, max_steps=max_steps, eval_every=max(1, max_steps // 5))
+        result = train_on_set(synthetic, data, cache.text_vectors(), short, seed, progress=False, valid_users=users)
+        return result.best_valid[protocol.select_metric]
+
+    return probe
+
+
+def run_cell(cell: Cell, suite: Suite, cache: SharedCache, method_config: dict | None, progress: bool) -> dict:
+    """Run one cell and return its record body (metrics, costs, outcome)."""
+    meter = CostMeter(device="cpu", wall_cap_s=suite.wall_cap_s, rss_cap_mib=suite.rss_cap_mib)
+    body: dict[str, Any] = {"outcome": "ok", "error": None}
+    try:
+        if cell.method == REFERENCE_POP:
+            with meter.phase("evaluate"):
+                result = evaluate_popularity(cache.data, suite.protocol)
+            body.update(valid=result["valid"], test=result["test"], users=result["users"])
+        else:
+            method = build_method(cell.method, method_config)
+            text = cache.text_vectors()
+            if method.needs_expert:
+                cache.expert()
+            context = MethodContext(
+                seed=cell.seed, device="cpu", meter=meter, cache=cache,
+                probe=_make_probe(cache, suite.protocol, cell.seed),
+            )
+            with meter.phase("distill", capped=True):
+                synthetic = method.distill(cache.data.train_view(), cell.budget, context)
+            body["synthetic"] = {
+                "kind": synthetic.kind,
+                "n_sequences": synthetic.n_sequences,
+                "seq_len": synthetic.seq_len,
+                "storage_bytes": synthetic.storage_bytes,
+                "meta": synthetic.meta,
+            }
+            with meter.phase("evaluate"):
+                result = evaluate_set(synthetic, cache.data, text, suite.protocol, cell.seed, progress=progress)
+            body.update(
+                valid=result["valid"], test=result["test"], users=result["users"],
+                best_step=result["best_step"], history=result["history"],
+            )
+    except CappedError as exc:
+        body.update(outcome="capped", error=str(exc))
+    except MemoryError as exc:
+        body.update(outcome="capped", error=f"out of memory: {exc}")
+    except (BenchError, FloatingPointError, ValueError, RuntimeError) as exc:
+        body.update(outcome="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+    body["costs"] = meter.phases
+    return body
+
+
+def run_suite(
+    suite: Suite,
+    *,
+    data_dir: Path | str | None = None,
+    data_home: Path | str | None = None,
+    out_dir: Path | str = "reports",
+    progress: bool = True,
+) -> list[dict]:
+    """Run every missing cell of ``suite`` and return all its records.
+
+    Returns:
+        The records of this suite (existing and new), read back from disk.
+    """
+    out_dir = Path(out_dir)
+    cache_dir = out_dir / "cache"
+    env = environment()
+    data_config = build_config(DatasetConfig, dict(suite.data), where="suite data")
+    counts = {"ran": 0, "skipped": 0, "failed": 0}
+    for dataset in suite.datasets:
+        data = load_dataset(dataset, data_dir=data_dir, data_home=data_home, config=data_config)
+        cache = SharedCache(data, suite.encoder, suite.protocol.learner, suite.expert, cache_dir)
+        for cell in expand_cells(suite, dataset):
+            method_config = None
+            if cell.method != REFERENCE_POP:
+                method_cls = get_method(cell.method)
+                config = build_config(method_cls.Config, suite.method_configs.get(cell.method, {}),
+                                      where=f"method {cell.method!r}")
+                method_config = config_dict(config)
+            key = cell_key(cell, suite, data.fingerprint, method_config)
+            path = record_path(out_dir, suite, cell, key)
+            if path.exists():
+                previous = read_records_file(path)
+                if previous and previous.get("outcome") in ("ok", "capped"):
+                    counts["skipped"] += 1
+                    logger.info("skip %s (finished: %s)", cell.label(), path.name)
+                    continue
+            start = time.perf_counter()
+            body = run_cell(cell, suite, cache, method_config, progress)
+            record = {
+                "schema": RECORD_SCHEMA,
+                "key": key,
+                "suite": suite.name,
+                "dataset": dataset,
+                "dataset_fingerprint": data.fingerprint,
+                "dataset_stats": data.stats,
+                "method": cell.method,
+                "family": get_method(cell.method).family if cell.method != REFERENCE_POP else "reference",
+                "budget": dataclasses.asdict(cell.budget) if cell.budget else None,
+                "seed": cell.seed,
+                "method_config": method_config,
+                "protocol": config_dict(suite.protocol),
+                "protocol_hash": suite.protocol.hash(),
+                "encoder": config_dict(suite.encoder),
+                "expert": config_dict(suite.expert),
+                "amortised": dict(cache.amortised),
+                "environment": env,
+                "cell_wall_s": time.perf_counter() - start,
+                **body,
+            }
+            write_json_atomic(path, record)
+            counts["ran"] += 1
+            if record["outcome"] == "ok":
+                logger.info(
+                    "%s: test Recall@10 %.4f NDCG@10 %.4f (%.1f s)",
+                    cell.label(), record["test"]["recall@10"], record["test"]["ndcg@10"], record["cell_wall_s"],
+                )
+            else:
+                counts["failed"] += 1
+                logger.error("%s: %s: %s", cell.label(), record["outcome"], record["error"])
+    logger.info("suite %s: %d cells run, %d skipped, %d not ok", suite.name, counts["ran"], counts["skipped"], counts["failed"])
+    return read_records(out_dir / "runs" / suite.name)
+
+
+def prepare_suite(
+    suite: Suite, *, data_dir: Path | str | None = None, data_home: Path | str | None = None,
+    out_dir: Path | str = "reports",
+) -> dict[str, dict]:
+    """Build the cached text vectors and expert trajectory of every dataset in ``suite``.
+
+    Returns:
+        Per dataset, the amortised costs measured (or read from the cache).
+    """
+    data_config = build_config(DatasetConfig, dict(suite.data), where="suite data")
+    out = {}
+    for dataset in suite.datasets:
+        data = load_dataset(dataset, data_dir=data_dir, data_home=data_home, config=data_config)
+        cache = SharedCache(data, suite.encoder, suite.protocol.learner, suite.expert, Path(out_dir) / "cache")
+        cache.expert()
+        out[dataset] = dict(cache.amortised)
+    return out
+
+
+def read_records_file(path: Path) -> dict | None:
+    """One record, or None if it cannot be read (then the cell runs again)."""
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        logger.warning("record %s is unreadable; the cell will run again", path)
+        return None

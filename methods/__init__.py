@@ -1,0 +1,3 @@
+"""Built-in methods; importing this package registers each of them."""
+
+from methods import full, random_subset  # noqa: F401
