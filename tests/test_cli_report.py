@@ -1,0 +1,96 @@
+"""Command line and leaderboard rendering."""
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.cli import main
+from bench.report import leaderboards, render_markdown, write_reports
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, **kwargs)
+
+
+def test_list_prints_methods_then_datasets(shared_data):
+    result = _cli("list", "--data-dir", str(shared_data))
+    assert result.returncode == 0
+    methods, _, datasets = result.stdout.partition("\n\n")
+    assert "random" in methods.split()
+    assert "full" in methods.split()
+    assert "games" in datasets.split()
+
+
+@pytest.mark.parametrize("command", ["run", "list", "report"])
+def test_help_describes_options(command):
+    result = _cli(command, "--help")
+    assert result.returncode == 0
+    assert "usage" in result.stdout
+
+
+def test_run_help_gives_units():
+    assert "seconds" in _cli("run", "--help").stdout
+
+
+def test_unknown_dataset_exits_2_with_hint(shared_data, tmp_path):
+    result = _cli("run", "--datasets", "gmaes", "--data-dir", str(shared_data), "--out", str(tmp_path))
+    assert result.returncode == 2
+    assert "games" in result.stderr
+
+
+def test_unknown_method_exits_2_with_hint(tmp_path):
+    assert main(["run", "--methods", "fostr", "--out", str(tmp_path)]) == 2
+
+
+def _record(method, budget, seed, recall, protocol="p1", cpu="cpu A"):
+    return {
+        "schema": 1, "dataset": "games", "dataset_fingerprint": "f" * 64, "protocol_hash": protocol,
+        "environment": {"hardware": {"cpu": cpu}}, "method": method,
+        "family": "reference" if method == "full" else "coreset",
+        "budget": None if budget is None else {"n_sequences": budget, "seq_len": 20}, "seed": seed,
+        "outcome": "ok", "test": {"recall@10": recall, "ndcg@10": recall / 2},
+        "costs": {"distill": {"wall_s": 1.0, "peak_rss_mib": 10.0}}, "synthetic": {"storage_bytes": 100},
+    }
+
+
+RECORDS = [
+    _record("full", None, 0, 0.10), _record("full", None, 1, 0.12),
+    _record("random", 20, 0, 0.04), _record("random", 20, 1, 0.06),
+]
+
+
+def test_leaderboard_relative_columns():
+    (_, table), = leaderboards(RECORDS)
+    random_row = table[table["method"] == "random"].iloc[0]
+    assert random_row["recall@10_mean"] == pytest.approx(0.05)
+    assert random_row["recall@10_vs_full"] == pytest.approx(0.05 / 0.11)
+    assert random_row["recall@10_vs_random"] == pytest.approx(1.0)
+    assert random_row["recall@10_std"] == pytest.approx(0.014142, abs=1e-6)
+
+
+def test_leaderboard_splits_differing_protocols():
+    other = [dict(copy.deepcopy(r), protocol_hash="p2") for r in RECORDS]
+    assert len(leaderboards(RECORDS + other)) == 2
+    assert "ranked separately" in render_markdown(RECORDS + other)
+
+
+def test_leaderboard_splits_differing_hardware():
+    other = [_record("random", 20, 2, 0.5, cpu="cpu B")]
+    assert len(leaderboards(RECORDS + other)) == 2
+
+
+def test_failed_cells_counted_not_ranked(tmp_path):
+    failed = dict(_record("random", 20, 2, 0.0), outcome="failed", test=None)
+    (_, table), = leaderboards(RECORDS + [failed])
+    row = table[table["method"] == "random"].iloc[0]
+    assert row["seeds"] == 2
+    assert row["not_ok"] == 1
+    paths = write_reports(RECORDS + [failed], tmp_path)
+    assert paths["markdown"].read_text(encoding="utf-8").count("| random ") == 1
+    assert paths["csv"].exists()

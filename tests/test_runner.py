@@ -1,0 +1,119 @@
+"""Runner: skipping finished cells, resuming after a kill, recording failures."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.errors import ConfigError, UnknownNameError
+from bench.records import read_records
+from bench.runner import load_suite, run_suite, suite_from_mapping
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "name": "tiny",
+    "datasets": ["steam"],
+    "methods": ["full", "random"],
+    "budgets": [10],
+    "seq_len": 10,
+    "seeds": [0],
+    "protocol": {"max_steps": 20, "eval_every": 10, "patience": 2},
+    "learner": {"hidden": 16, "layers": 1, "max_len": 20},
+    "encoder": {"max_length": 32},
+    "data": {"sample_users": 400, "sample_seed": 0},
+}
+
+
+def _records_by_key(out):
+    return {r["key"]: r for r in read_records(out / "runs" / "tiny")}
+
+
+def test_rerun_skips_every_finished_cell(shared_data, tmp_path):
+    suite = suite_from_mapping(TINY)
+    first = run_suite(suite, data_dir=shared_data, out_dir=tmp_path, progress=False)
+    assert len(first) == 3
+    assert all(r["outcome"] == "ok" for r in first)
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*.json")}
+    second = run_suite(suite, data_dir=shared_data, out_dir=tmp_path, progress=False)
+    assert {r["key"] for r in second} == {r["key"] for r in first}
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*.json")} == mtimes
+
+
+def test_budget_too_large_is_recorded_failure(shared_data, tmp_path):
+    suite = suite_from_mapping({**TINY, "budgets": [100_000], "methods": ["random"], "include_pop": False})
+    records = run_suite(suite, data_dir=shared_data, out_dir=tmp_path, progress=False)
+    assert records[0]["outcome"] == "failed"
+    assert "exceeds" in records[0]["error"]
+
+
+def test_records_carry_environment_and_costs(shared_data, tmp_path):
+    suite = suite_from_mapping({**TINY, "methods": ["random"], "include_pop": False})
+    record = run_suite(suite, data_dir=shared_data, out_dir=tmp_path, progress=False)[0]
+    assert record["environment"]["libraries"]["torch"].startswith("2.13")
+    assert record["costs"]["distill"]["wall_s"] >= 0
+    assert record["costs"]["evaluate"]["peak_rss_mib"] > 0
+    assert record["costs"]["evaluate"]["gpu_peak_allocated_bytes"] is None
+    assert record["synthetic"]["storage_bytes"] == 10 * 10 * 4
+
+
+def test_killed_run_resumes_without_touching_finished(shared_data, tmp_path):
+    suite_file = tmp_path / "tiny.toml"
+    seeds = "[0, 1, 2, 3]"
+    suite_file.write_text(
+        'name = "tiny"\ndatasets = ["steam"]\nmethods = ["full"]\nbudgets = [10]\nseq_len = 10\n'
+        f"seeds = {seeds}\ninclude_pop = false\n"
+        "[protocol]\nmax_steps = 60\neval_every = 20\npatience = 2\n"
+        "[learner]\nhidden = 16\nlayers = 1\nmax_len = 20\n[encoder]\nmax_length = 32\n"
+        "[data]\nsample_users = 1500\nsample_seed = 0\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "bench", "run", "--suite", str(suite_file), "--data-dir", str(shared_data),
+           "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs = out / "runs" / "tiny"
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(runs.rglob("*.json"))) < 1:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = {p: p.read_bytes() for p in runs.rglob("*.json")}
+    assert 1 <= len(finished) < 4
+    assert not list(runs.rglob("*.tmp"))
+
+    subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    after = {p: p.read_bytes() for p in runs.rglob("*.json")}
+    assert len(after) == 4
+    for path, content in finished.items():
+        assert after[path] == content
+
+
+def test_suite_unknown_method_suggests():
+    with pytest.raises(UnknownNameError, match="Did you mean 'random'"):
+        suite_from_mapping({**TINY, "methods": ["randon"]})
+
+
+def test_suite_unknown_key_suggests():
+    with pytest.raises(ConfigError, match="Did you mean 'budgets'"):
+        suite_from_mapping({**TINY, "budget": [1]})
+
+
+def test_suite_invalid_protocol_value_names_it():
+    with pytest.raises(ConfigError, match="max_steps"):
+        suite_from_mapping({**TINY, "protocol": {"max_steps": 0}})
+
+
+def test_builtin_quickstart_loads():
+    suite = load_suite("quickstart")
+    assert suite.datasets == ("ml-100k",)
+
+
+def test_unknown_suite_name_lists_builtin():
+    with pytest.raises(ConfigError, match="quickstart"):
+        load_suite("quickstrat")
