@@ -8,6 +8,7 @@ reference) and prints the leaderboard.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -87,6 +88,27 @@ def build_parser() -> argparse.ArgumentParser:
                          help="output folder whose cache/ receives the vectors and checkpoints (default: reports)")
     _add_data_options(prepare)
 
+    tune = sub.add_parser("tune", help="tune one method's config with Optuna on validation NDCG@10")
+    tune.add_argument("--suite", default="quickstart", help="suite whose protocol, learner and data settings apply")
+    tune.add_argument("--dataset", required=True, help="dataset name")
+    tune.add_argument("--method", required=True, help="registered method name")
+    tune.add_argument("--budget", type=int, help="number of sequences (omit for methods without a budget)")
+    tune.add_argument("--seq-len", type=int, help="maximum items per sequence (default: the suite's)")
+    tune.add_argument("--trials", type=int, default=20,
+                      help="finished trials (COMPLETE + PRUNED) the study must reach; equal for every method")
+    tune.add_argument("--seed", type=int, default=0, help="sampler, distillation and learner seed")
+    tune.add_argument("--storage", help="Optuna storage URL (default: sqlite:///OUT/studies/tune.db); "
+                                        "use postgresql://... to tune one study from several machines")
+    tune.add_argument("--study-name", help="study name (default: SUITE-DATASET-METHOD-BUDGET)")
+    tune.add_argument("--workers", type=int, default=1,
+                      help="processes you start on this study; more than 1 is recorded as not reproducible")
+    tune.add_argument("--trial-wall-cap-s", type=float,
+                      help="wall-time cap of one trial's distillation, seconds; a capped trial is PRUNED")
+    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a suite value by dotted key; repeatable")
+    tune.add_argument("--out", type=Path, default=Path("reports"), help="output folder (default: reports)")
+    _add_data_options(tune)
+
     report = sub.add_parser("report", help="rebuild a suite's leaderboard from its records")
     report.add_argument("--suite", default="quickstart", help="suite name (records folder under OUT/runs)")
     report.add_argument("--out", type=Path, default=Path("reports"), help="output folder (default: reports)")
@@ -145,6 +167,25 @@ def _cmd_prepare(args) -> int:
     return 0
 
 
+def _cmd_tune(args) -> int:
+    from bench.method import Budget
+    from bench.runner import load_suite
+    from bench.tune import StudySettings, tune
+
+    suite = load_suite(args.suite, _parse_set(args.set))
+    budget = Budget(args.budget, args.seq_len or suite.seq_len) if args.budget is not None else None
+    label = budget.label() if budget else "all"
+    settings = StudySettings(
+        storage=args.storage or f"sqlite:///{(args.out / 'studies' / 'tune.db').resolve()}",
+        study_name=args.study_name or f"{suite.name}-{args.dataset}-{args.method}-{label}",
+        n_trials=args.trials, seed=args.seed, workers=args.workers,
+    )
+    summary = tune(suite, args.dataset, args.method, budget, settings, data_dir=args.data_dir,
+                   data_home=args.data_home, out_dir=args.out, trial_wall_cap_s=args.trial_wall_cap_s)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def _cmd_list(args) -> int:
     from bench.data import list_datasets
     from bench.registry import method_names
@@ -177,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    handlers = {"run": _cmd_run, "list": _cmd_list, "prepare": _cmd_prepare, "report": _cmd_report}
+    handlers = {
+        "run": _cmd_run, "list": _cmd_list, "prepare": _cmd_prepare, "tune": _cmd_tune, "report": _cmd_report,
+    }
     try:
         return handlers[args.command](args)
     except BenchError as exc:

@@ -1,0 +1,277 @@
+"""Hyperparameter tuning with Optuna under equal budgets for every method.
+
+One study per (suite, dataset, method, budget). Rules that keep the comparison
+fair and the studies resumable:
+
+* every method gets the same number of finished trials (COMPLETE or PRUNED);
+  a resumed study runs only the missing ones;
+* the method's default config is enqueued as the first trial;
+* the TPE sampler is seeded from the study name and the seed, and each
+  process runs one trial at a time. A single worker therefore proposes the
+  same parameters on every run. Several workers are not reproducible, and the
+  study's user attributes say so;
+* a per-trial wall-time cap is enforced inside the trial: a capped trial is
+  PRUNED with the reason kept in its user attributes;
+* the objective is validation NDCG@10 only; the test split is never read;
+* SQLite storage gets a long busy timeout so several worker processes can
+  share one file; heartbeats mark trials of killed workers FAIL after a grace
+  period, and every start sweeps such stale trials first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+
+from bench.config import build_config, config_dict
+from bench.context import MethodContext, SharedCache, derive_seed
+from bench.data import DatasetConfig, load_dataset
+from bench.errors import CappedError, ConfigError
+from bench.evaluator import train_on_set
+from bench.method import Budget
+from bench.profiling import CostMeter
+from bench.records import write_json_atomic
+from bench.registry import build_method, get_method
+from bench.runner import Suite
+
+logger = logging.getLogger(__name__)
+
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+SQLITE_BUSY_TIMEOUT_S = 120
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """Storage and budget of one study.
+
+    Attributes:
+        storage: Optuna storage URL; ``sqlite:///PATH`` by default, or an RDB
+            URL such as ``postgresql://...`` for several machines.
+        study_name: unique study name in the storage.
+        n_trials: finished trials (COMPLETE + PRUNED) the study must reach.
+        seed: sampler seed (combined with the study name).
+        heartbeat_s: heartbeat interval of running trials, seconds.
+        grace_s: a RUNNING trial without heartbeat for this long is failed.
+        workers: number of processes expected on this study (1 = reproducible).
+    """
+
+    storage: str
+    study_name: str
+    n_trials: int = 20
+    seed: int = 0
+    heartbeat_s: int = 60
+    grace_s: int = 180
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.n_trials < 1:
+            raise ConfigError(f"tune: n_trials={self.n_trials} must be >= 1")
+        if self.heartbeat_s < 1 or self.grace_s <= self.heartbeat_s:
+            raise ConfigError(
+                f"tune: heartbeat_s={self.heartbeat_s} must be >= 1 and grace_s={self.grace_s} larger than it"
+            )
+
+
+@contextmanager
+def _heartbeat_api():
+    """Silence Optuna's ExperimentalWarning for the heartbeat calls made here only."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
+def _fail_stale(study: optuna.Study) -> None:
+    with _heartbeat_api():
+        optuna.storages.fail_stale_trials(study)
+
+
+def make_storage(settings: StudySettings) -> optuna.storages.BaseStorage:
+    """Open an RDB storage with heartbeats; SQLite gets a long busy timeout."""
+    engine_kwargs: dict[str, Any] = {}
+    if settings.storage.startswith("sqlite:"):
+        path = settings.storage.split("sqlite:///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
+    for attempt in range(5):
+        try:
+            with _heartbeat_api():
+                return optuna.storages.RDBStorage(
+                    settings.storage,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=settings.heartbeat_s,
+                    grace_period=settings.grace_s,
+                )
+        except Exception as exc:  # sqlalchemy raises OperationalError while another worker creates tables
+            if "locked" not in str(exc) or attempt == 4:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def finished_trials(study: optuna.Study) -> int:
+    """Count the trials that use up the budget: COMPLETE and PRUNED."""
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def open_study(settings: StudySettings, default_params: dict[str, Any] | None = None) -> optuna.Study:
+    """Create or load the study, sweep stale trials and enqueue the default once."""
+    storage = make_storage(settings)
+    sampler = optuna.samplers.TPESampler(seed=derive_seed(settings.seed, settings.study_name) % (2**32))
+    study = optuna.create_study(
+        study_name=settings.study_name, storage=storage, sampler=sampler,
+        direction="maximize", load_if_exists=True,
+    )
+    _fail_stale(study)
+    if settings.workers > 1:
+        study.set_user_attr("reproducible", False)
+        study.set_user_attr("note", "tuning not reproducible (parallel workers)")
+    elif "reproducible" not in study.user_attrs:
+        study.set_user_attr("reproducible", True)
+    if default_params is not None and not study.user_attrs.get("default_enqueued"):
+        study.set_user_attr("default_enqueued", True)
+        study.enqueue_trial(default_params, user_attrs={"default": True})
+    return study
+
+
+class SurplusTrial(Exception):
+    """A trial started after the study's budget was already taken by other workers."""
+
+
+def run_study(
+    settings: StudySettings,
+    objective: Callable[[optuna.Trial], float],
+    default_params: dict[str, Any] | None = None,
+) -> optuna.Study:
+    """Run trials one at a time until the study has ``n_trials`` finished trials.
+
+    Several processes may call this on one study. Trial numbers are assigned
+    atomically by the storage, so a trial whose number comes after
+    ``n_trials`` earlier non-failed trials is a surplus: it ends FAIL with
+    the user attribute ``surplus`` and never runs the objective. The count of
+    COMPLETE and PRUNED trials is therefore exactly ``n_trials``.
+    """
+    study = open_study(settings, default_params)
+    failed = optuna.trial.TrialState.FAIL
+
+    def guarded(trial: optuna.Trial) -> float:
+        earlier = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number and t.state != failed]
+        if len(earlier) >= settings.n_trials:
+            trial.set_user_attr("surplus", True)
+            raise SurplusTrial(f"trial {trial.number} exceeds the budget of {settings.n_trials} trials")
+        return objective(trial)
+
+    while finished_trials(study) < settings.n_trials:
+        running = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+        if running and finished_trials(study) + running >= settings.n_trials:
+            # Other workers hold the remaining trials; wait for them or for their heartbeats to go stale.
+            time.sleep(min(1.0, settings.heartbeat_s))
+            _fail_stale(study)
+            continue
+        study.optimize(guarded, n_trials=1, n_jobs=1, catch=(FloatingPointError, SurplusTrial))
+    return study
+
+
+# The harness objective ------------------------------------------------------
+
+
+def method_objective(
+    suite: Suite, cache: SharedCache, method: str, budget: Budget | None, seed: int, trial_wall_cap_s: float | None
+) -> Callable[[optuna.Trial], float]:
+    """Objective: distill with the trial's config, train the evaluation learner, return validation NDCG@10."""
+    method_cls = get_method(method)
+    base = dict(suite.method_configs.get(method, {}))
+
+    def objective(trial: optuna.Trial) -> float:
+        overrides = {**base, **method_cls.search_space(trial)}
+        config = build_config(method_cls.Config, overrides, where=f"method {method!r}")
+        trial.set_user_attr("config", config_dict(config))
+        meter = CostMeter(wall_cap_s=trial_wall_cap_s, rss_cap_mib=suite.rss_cap_mib)
+        context = MethodContext(seed=seed, device="cpu", meter=meter, cache=cache)
+        start = time.perf_counter()
+        try:
+            with meter.phase("distill", capped=True):
+                synthetic = method_cls(config).distill(cache.data.train_view(), budget, context)
+        except CappedError as exc:
+            trial.set_user_attr("capped", str(exc))
+            raise optuna.TrialPruned(str(exc)) from exc
+        result = train_on_set(synthetic, cache.data, cache.text_vectors(), suite.protocol, seed, progress=False)
+        value = result.best_valid[suite.protocol.select_metric]
+        trial.set_user_attr("distill_wall_s", meter.phases["distill"]["wall_s"])
+        trial.set_user_attr("trial_wall_s", time.perf_counter() - start)
+        logger.info("trial %d of %s: %s=%.4f with %s", trial.number, method, suite.protocol.select_metric, value, overrides)
+        return value
+
+    return objective
+
+
+def default_params(method: str) -> dict[str, Any]:
+    """Return the method's default config restricted to the parameters its search space suggests."""
+    method_cls = get_method(method)
+    probe_study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = probe_study.ask()
+    names = set(method_cls.search_space(trial))
+    defaults = config_dict(method_cls.Config())
+    return {k: v for k, v in defaults.items() if k in names}
+
+
+def tune(
+    suite: Suite,
+    dataset: str,
+    method: str,
+    budget: Budget | None,
+    settings: StudySettings,
+    *,
+    data_dir=None,
+    data_home=None,
+    out_dir: Path | str = "reports",
+    trial_wall_cap_s: float | None = None,
+) -> dict:
+    """Tune ``method`` on ``dataset`` at ``budget`` and write a summary JSON.
+
+    Returns:
+        The summary: best params and value, trials used (COMPLETE + PRUNED),
+        failed trials, and whether the run is reproducible.
+    """
+    data = load_dataset(dataset, data_dir=data_dir, data_home=data_home,
+                        config=build_config(DatasetConfig, dict(suite.data), where="suite data"))
+    cache = SharedCache(data, suite.encoder, suite.protocol.learner, suite.expert, Path(out_dir) / "cache")
+    if get_method(method).needs_expert:
+        cache.expert()
+    objective = method_objective(suite, cache, method, budget, settings.seed, trial_wall_cap_s)
+    defaults = default_params(method)
+    if not defaults:
+        # Nothing to search: every trial would repeat the default config.
+        logger.info("method %s has an empty search space; running its default config once", method)
+        settings = dataclasses.replace(settings, n_trials=1)
+    study = run_study(settings, objective, defaults or None)
+
+    trials = study.get_trials(deepcopy=False)
+    completed = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    summary = {
+        "study": settings.study_name,
+        "storage": settings.storage,
+        "dataset": dataset,
+        "dataset_fingerprint": data.fingerprint,
+        "method": method,
+        "budget": dataclasses.asdict(budget) if budget else None,
+        "protocol_hash": suite.protocol.hash(),
+        "trials_used": finished_trials(study),
+        "trials_failed": sum(t.state == optuna.trial.TrialState.FAIL for t in trials),
+        "best_value": study.best_value if completed else None,
+        "best_params": study.best_params if completed else None,
+        "best_config": study.best_trial.user_attrs.get("config") if completed else None,
+        "reproducible": bool(study.user_attrs.get("reproducible", True)),
+        "note": study.user_attrs.get("note"),
+    }
+    write_json_atomic(Path(out_dir) / "tune" / f"{settings.study_name}.json", summary)
+    return summary
