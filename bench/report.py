@@ -161,4 +161,23 @@ def write_reports(records: list[dict], folder: Path, metrics=DEFAULT_METRICS, ti
         pd.concat(tables).to_csv(paths["csv"], index=False)
         records_frame(records).to_csv(paths["cells"], index=False)
     paths["latex"].write_text("\n\n".join(latex) + "\n", encoding="utf-8")
+    paths.update(_write_plots(boards, folder, metrics[0]))
     return paths
+
+
+def _write_plots(boards, folder: Path, metric: str) -> dict:
+    from bench.plots import plot_accuracy_vs_budget, plot_accuracy_vs_cost
+
+    out = {}
+    for index, (info, table) in enumerate(boards):
+        suffix = info["dataset"] if index == 0 or boards[index - 1][0]["dataset"] != info["dataset"] else (
+            f"{info['dataset']}-{info['protocol']}"
+        )
+        title = f"{info['dataset']} ({info['hardware']})"
+        cost = plot_accuracy_vs_cost(table, folder / f"{suffix}-accuracy-vs-cost.png", metric, title)
+        budget = plot_accuracy_vs_budget(table, folder / f"{suffix}-accuracy-vs-budget.png", metric, title)
+        if cost:
+            out[f"{suffix}-cost-plot"] = cost
+        if budget:
+            out[f"{suffix}-budget-plot"] = budget
+    return out

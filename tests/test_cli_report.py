@@ -94,3 +94,19 @@ def test_failed_cells_counted_not_ranked(tmp_path):
     paths = write_reports(RECORDS + [failed], tmp_path)
     assert paths["markdown"].read_text(encoding="utf-8").count("| random ") == 1
     assert paths["csv"].exists()
+
+
+def test_pareto_front_keeps_undominated_points():
+    import numpy as np
+
+    from bench.plots import pareto_front
+
+    cost = np.array([1.0, 2.0, 3.0, 0.5])
+    accuracy = np.array([0.2, 0.1, 0.3, 0.05])
+    assert pareto_front(cost, accuracy).tolist() == [3, 0, 2]
+
+
+def test_write_reports_draws_both_plots(tmp_path):
+    paths = write_reports(RECORDS, tmp_path)
+    assert (tmp_path / "games-accuracy-vs-cost.png").stat().st_size > 0
+    assert (tmp_path / "games-accuracy-vs-budget.png").stat().st_size > 0
