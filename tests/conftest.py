@@ -44,6 +44,37 @@ def games_vectors(games_titles) -> torch.Tensor:
     return torch.from_numpy(np.asarray(encoder.encode(games_titles, progress=False), dtype=np.float32))
 
 
+@pytest.fixture(scope="module")
+def steam_cache(shared_data, tmp_path_factory):
+    """SharedCache over a 300-user real steam slice with a tiny learner and a 2-epoch expert."""
+    from bench.context import SharedCache
+    from bench.data import DatasetConfig, load_dataset
+    from bench.expert import ExpertConfig
+    from bench.learner import LearnerConfig
+    from bench.text import EncoderConfig
+
+    data = load_dataset("steam", data_dir=shared_data, config=DatasetConfig(sample_users=300, sample_seed=0))
+    return SharedCache(
+        data,
+        EncoderConfig(max_length=32),
+        LearnerConfig(hidden=16, layers=1, max_len=20),
+        ExpertConfig(epochs=2, batch_size=64),
+        tmp_path_factory.mktemp("cache"),
+    )
+
+
+def method_context(cache, seed=0):
+    """A MethodContext over ``cache`` with an uncapped CPU meter and the runner's validation probe."""
+    from bench.context import MethodContext
+    from bench.evaluator import Protocol
+    from bench.profiling import CostMeter
+    from bench.runner import _make_probe
+
+    protocol = Protocol(learner=cache.learner, max_steps=20, eval_every=10, patience=2)
+    return MethodContext(seed=seed, device="cpu", meter=CostMeter(), cache=cache,
+                         probe=_make_probe(cache, protocol, seed))
+
+
 def write_atomic(folder: Path, name: str, inter_rows, item_rows=None) -> Path:
     """Write NAME.inter (and NAME.item) under folder/NAME; return the data dir."""
     target = folder / name

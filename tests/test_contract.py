@@ -4,32 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from bench.context import MethodContext, SharedCache
-from bench.data import DatasetConfig, load_dataset
 from bench.errors import BudgetError, LeakageError
-from bench.expert import ExpertConfig
-from bench.learner import LearnerConfig
 from bench.method import Budget
-from bench.profiling import CostMeter
 from bench.registry import build_method, get_method, method_names
 from bench.synthetic import SyntheticSet
-from bench.text import EncoderConfig
-
-
-@pytest.fixture(scope="module")
-def steam_cache(shared_data, tmp_path_factory):
-    data = load_dataset("steam", data_dir=shared_data, config=DatasetConfig(sample_users=300, sample_seed=0))
-    return SharedCache(
-        data,
-        EncoderConfig(max_length=32),
-        LearnerConfig(hidden=16, layers=1, max_len=20),
-        ExpertConfig(epochs=2, batch_size=64),
-        tmp_path_factory.mktemp("cache"),
-    )
+from tests.conftest import method_context
 
 
 def _context(cache, seed=0):
-    return MethodContext(seed=seed, device="cpu", meter=CostMeter(), cache=cache)
+    return method_context(cache, seed)
 
 
 def _tiny_overrides(name):

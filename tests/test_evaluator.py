@@ -126,3 +126,17 @@ def test_full_learner_beats_popularity_on_games_slice(shared_data):
     learned = evaluate_set(full, data, torch.from_numpy(vectors), protocol, seed=0, progress=False)
     pop = evaluate_popularity(data, protocol)
     assert learned["test"]["ndcg@10"] > pop["test"]["ndcg@10"]
+
+
+def test_batch_order_ignores_model_size_and_global_rng():
+    from bench.evaluator import _BatchSource
+
+    synthetic = SyntheticSet.from_sequences([[i, i + 1, i + 2] for i in range(1, 40)], n_items=45, max_len=3)
+    firsts = []
+    for hidden, global_seed in ((64, 0), (128, 123)):
+        torch.manual_seed(global_seed)
+        TextSASRec(torch.randn(45, 8), LearnerConfig(hidden=hidden, heads=1))  # consumes the global generator
+        source = _BatchSource(synthetic, max_len=10, batch_size=8, generator=torch.Generator().manual_seed(1))
+        firsts.append([source.next() for _ in range(3)])
+    for a, b in zip(*firsts):
+        assert torch.equal(a, b)
