@@ -144,7 +144,7 @@ def build_expert(
         os.replace(tmp, folder / f"epoch_{epoch:03d}.pt")
         ndcg = metrics_from_ranks(rank_split(model, data, "valid"), (10,))["ndcg@10"]
         valid.append(ndcg)
-        logger.info("expert %s epoch %d/%d: loss %.4f, valid NDCG@10 %.4f", data.name, epoch, config.epochs, float(loss), ndcg)
+        logger.info("expert %s epoch %d/%d: loss %.4f, valid NDCG@10 %.4f", data.name, epoch, config.epochs, loss.item(), ndcg)
     build_s = time.perf_counter() - start
     tmp = folder / "trajectory.json.tmp"
     tmp.write_text(json.dumps({"epochs": config.epochs, "valid_ndcg10": valid, "build_s": build_s}), encoding="utf-8")

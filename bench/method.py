@@ -50,6 +50,9 @@ class Method:
     Subclasses set ``Config`` (a frozen dataclass whose field docs give each
     default and its source), ``family`` and ``version``, and implement
     :meth:`distill`. ``uses_budget`` is False only for the full-data reference.
+    ``needs_expert`` and ``needs_representations`` let the runner build those
+    shared inputs before the distill phase, so their amortised cost is not
+    charged to the first cell that reads them.
     """
 
     name: ClassVar[str] = ""
@@ -58,6 +61,7 @@ class Method:
     version: ClassVar[str] = "1"
     uses_budget: ClassVar[bool] = True
     needs_expert: ClassVar[bool] = False
+    needs_representations: ClassVar[bool] = False
 
     def __init__(self, config: Any | None = None) -> None:
         self.config = config if config is not None else self.Config()
