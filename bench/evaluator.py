@@ -17,6 +17,8 @@ import copy
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,6 +30,9 @@ from bench.learner import LearnerConfig, TextSASRec, pad_sequences
 from bench.metrics import metrics_from_ranks
 from bench.progress import progress_bar
 from bench.synthetic import SyntheticSet
+
+if TYPE_CHECKING:
+    from bench.text import EncoderConfig
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +57,10 @@ class Protocol:
             drawn once with a fixed seed from the evaluated users (the same
             users for every method); the test split always scores all users.
         eval_batch_size: users scored per matrix multiply (does not change results).
+        encoder_mode: "frozen" (cached text vectors) or "tune-top-k" (the
+            encoder's top ``top_k`` layers are trained with the learner, see
+            ``bench.topk``).
+        top_k: number of trained top encoder layers in "tune-top-k" mode.
     """
 
     learner: LearnerConfig = field(default_factory=LearnerConfig)
@@ -65,9 +74,16 @@ class Protocol:
     select_metric: str = "ndcg@10"
     select_users: int | None = None
     eval_batch_size: int = 2048
+    encoder_mode: str = "frozen"
+    top_k: int = 1
 
     def __post_init__(self) -> None:
         where = "protocol"
+        if self.encoder_mode not in ("frozen", "tune-top-k"):
+            raise ConfigError(
+                f"protocol: invalid encoder_mode={self.encoder_mode!r}; use 'frozen' or 'tune-top-k'"
+            )
+        check_range(where, "top_k", self.top_k, low=1)
         check_range(where, "lr", self.lr, low=0.0, low_open=True)
         check_range(where, "weight_decay", self.weight_decay, low=0.0)
         check_range(where, "batch_size", self.batch_size, low=1)
@@ -90,6 +106,11 @@ class Protocol:
         """Hash of every field that can change a metric (eval batch size excluded)."""
         data = config_dict(self)
         data.pop("eval_batch_size")
+        # These fields enter the hash only at non-default values, so records written before they existed keep their keys.
+        if data["encoder_mode"] == "frozen":
+            data.pop("encoder_mode")
+        if data["top_k"] == 1:
+            data.pop("top_k")
         data["version"] = PROTOCOL_VERSION
         return stable_hash(data)
 
@@ -197,6 +218,20 @@ class _BatchSource:
         return self.data[index]
 
 
+def _warn_on_mode_mismatch(synthetic: SyntheticSet, protocol: Protocol) -> None:
+    """Log a warning when a set was distilled under another encoder mode than the protocol's."""
+    mode = synthetic.meta.get("encoder_mode")
+    if mode is None:
+        return
+    top_k = synthetic.meta.get("top_k", protocol.top_k)
+    if mode != protocol.encoder_mode or (mode == "tune-top-k" and top_k != protocol.top_k):
+        logger.warning(
+            "synthetic set was distilled with encoder_mode=%r (top_k=%s) but the protocol trains the "
+            "evaluation learner with encoder_mode=%r (top_k=%d); set both to the same mode",
+            mode, top_k, protocol.encoder_mode, protocol.top_k,
+        )
+
+
 @dataclass
 class TrainResult:
     """Outcome of one evaluation learner's training."""
@@ -217,11 +252,15 @@ def train_on_set(
     *,
     progress: bool = True,
     valid_users: np.ndarray | None = None,
+    encoder: EncoderConfig | None = None,
+    cache_dir: Path | None = None,
 ) -> TrainResult:
     """Train a fresh learner on ``synthetic`` and keep the best validation step.
 
     ``valid_users`` restricts step selection to a subset of evaluated users
     (used by the validation probe of methods); by default all are scored.
+    ``encoder`` and ``cache_dir`` are read only in "tune-top-k" mode, where
+    ``bench.topk.train_on_set_top_k`` trains the learner.
     """
     if synthetic.n_items != data.n_items:
         raise ConfigError(
@@ -232,6 +271,14 @@ def train_on_set(
 
     if valid_users is None:
         valid_users = selection_users(data, protocol)
+    _warn_on_mode_mismatch(synthetic, protocol)
+    if protocol.encoder_mode == "tune-top-k":
+        from bench.topk import train_on_set_top_k
+
+        return train_on_set_top_k(
+            synthetic, data, text_vectors, protocol, seed,
+            progress=progress, valid_users=valid_users, encoder=encoder, cache_dir=cache_dir,
+        )
 
     torch.manual_seed(seed)
     model = TextSASRec(text_vectors, protocol.learner)
@@ -280,14 +327,21 @@ def evaluate_set(
     seed: int,
     *,
     progress: bool = True,
+    encoder: EncoderConfig | None = None,
+    cache_dir: Path | None = None,
 ) -> dict:
     """Train on ``synthetic`` with ``seed``, then score the test split once.
+
+    ``encoder`` and ``cache_dir`` are passed to :func:`train_on_set` (read in
+    "tune-top-k" mode only).
 
     Returns:
         dict with ``valid`` and ``test`` metric dicts, ``best_step``,
         ``history``, ``train_s`` and the evaluated-user description.
     """
-    result = train_on_set(synthetic, data, text_vectors, protocol, seed, progress=progress)
+    result = train_on_set(
+        synthetic, data, text_vectors, protocol, seed, progress=progress, encoder=encoder, cache_dir=cache_dir
+    )
     test = metrics_from_ranks(rank_split(result.model, data, "test", protocol.eval_batch_size), protocol.ks)
     return {
         "valid": result.best_valid,
