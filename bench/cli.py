@@ -55,6 +55,9 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice); use 1 per process when several "
+                             "jobs share the cores, because spinning threads then waste most of the CPU")
     sub = parser.add_subparsers(dest="command")
 
     run = sub.add_parser("run", help="run a suite and print its leaderboard")
@@ -112,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="rebuild a suite's leaderboard from its records")
     report.add_argument("--suite", default="quickstart", help="suite name (records folder under OUT/runs)")
     report.add_argument("--out", type=Path, default=Path("reports"), help="output folder (default: reports)")
+
+    from bench import profile
+
+    profile.add_arguments(sub.add_parser("profile", help="time distillers side by side across catalogue sizes"))
     return parser
 
 
@@ -186,6 +193,12 @@ def _cmd_tune(args) -> int:
     return 0
 
 
+def _cmd_profile(args) -> int:
+    from bench.profile import run
+
+    return run(args)
+
+
 def _cmd_list(args) -> int:
     from bench.data import list_datasets
     from bench.registry import method_names
@@ -215,11 +228,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.command is None:
         parser.print_help()
         return 2
     handlers = {
         "run": _cmd_run, "list": _cmd_list, "prepare": _cmd_prepare, "tune": _cmd_tune, "report": _cmd_report,
+        "profile": _cmd_profile,
     }
     try:
         return handlers[args.command](args)

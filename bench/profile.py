@@ -1,0 +1,400 @@
+"""Cost profile: ``python -m bench profile`` times distillers side by side across catalogue sizes.
+
+For each dataset and method the command runs the method's ``distill`` with a
+short schedule (``--steps`` outer steps) under :class:`bench.profiling.CostMeter`
+and reads the timing the method records in ``synthetic.meta``:
+
+* ``steps``, ``step_wall_s`` (mean wall seconds of one distillation update,
+  validation probes excluded) and ``real_batch`` (real sequences per update);
+* ``probe_history``: ``{"step", "elapsed_s", "ndcg@10"}`` per validation probe.
+
+From them it reports, per (dataset, method):
+
+* ``epoch_s``: wall time of one distillation epoch, one pass over the real
+  training sequences with at least two items:
+  ``step_wall_s * n_train_sequences / real_batch``;
+* ``best_s``: wall time until the best validation NDCG@10 was reached, from
+  the probe history. A short profile run does not probe unless ``--probe``
+  is given, so this is NA by default. With ``--records-suite``, the value
+  comes from that suite's run records instead: the mean over seeds at the
+  same budget of their full-length probe histories;
+* ``peak_rss_mib``: the resident-set high-water mark during ``distill``, and
+  ``distill_rss_mib``: its growth over the RSS when ``distill`` started
+  (the memory the method itself added on top of data, text vectors and
+  expert);
+* ratios of ``epoch_s``, ``best_s`` and ``distill_rss_mib`` to FOSTER's on the
+  same dataset, when ``foster`` is among the methods.
+
+By default each (dataset, method) runs in a fresh Python process, so memory
+the allocator kept from one method cannot hide another's peak; shared inputs
+(text vectors, the expert trajectory) are built once per dataset first and
+loaded from the cache by every run. Learner, encoder, expert and protocol
+settings come from one suite (``--suite``, default ``games``), the same for
+every dataset, so the catalogue size is the only thing that changes between
+rows of one method.
+
+Outputs: a table on stdout, and ``OUT/profile/profile.csv`` and
+``OUT/profile/profile.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tabulate import tabulate
+
+from bench.errors import BenchError, CappedError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+REFERENCE = "foster"
+COLUMNS = [
+    "dataset", "n_items", "method", "outcome", "steps", "step_s", "epoch_s", "best_s",
+    "peak_rss_mib", "distill_rss_mib", "epoch_vs_foster", "best_vs_foster", "memory_vs_foster",
+]
+
+
+def _names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``profile`` command's options to ``parser``.
+
+    Torch threads are not an option here: :func:`run` reads ``args.threads``
+    when the namespace has it (the CLI's top-level ``--threads``) and applies
+    it in every run, isolated ones included.
+
+    Args:
+        parser: the (sub)parser of the command.
+    """
+    parser.add_argument("--methods", type=_names, default=["foster", "td3", "farzi"],
+                        help="comma-separated registered method names (default: foster,td3,farzi)")
+    parser.add_argument("--datasets", type=_names, default=["steam", "games", "food"],
+                        help="comma-separated dataset names (default: steam,games,food)")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="folder with DATASET/DATASET.inter atomic folders (default: $BENCH_DATA_DIR, "
+                             "else the data home)")
+    parser.add_argument("--out", type=Path, default=Path("reports"),
+                        help="output folder: caches under OUT/cache, tables under OUT/profile (default: reports)")
+    parser.add_argument("--steps", type=int, default=5,
+                        help="distillation steps to time per method; sets the method's 'steps' field (default: 5)")
+    parser.add_argument("--budget", type=int, default=50, help="synthetic sequences (default: 50)")
+    parser.add_argument("--seq-len", type=int, default=20, help="items per synthetic sequence (default: 20)")
+    parser.add_argument("--suite", default="games",
+                        help="suite name or TOML path whose learner, encoder, expert, protocol, data and "
+                             "[method.NAME] settings apply to every dataset (default: games)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every run (default: 0)")
+    parser.add_argument("--probe", action="store_true",
+                        help="pass the validation probe to the methods, as the runner does (default: off, "
+                             "so the timed steps contain no probe)")
+    parser.add_argument("--records-suite", default=None,
+                        help="suite name whose run records under OUT/runs supply the time to the best "
+                             "validation NDCG@10 (mean over seeds at --budget)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run every method in this process instead of a fresh one each (faster; "
+                             "peak memory may then be hidden by memory kept from an earlier run)")
+    parser.add_argument("--wall-cap-s", type=float, default=None,
+                        help="wall-time cap of one distillation, seconds; a run over it is reported as capped")
+    parser.add_argument("--rss-cap-mib", type=float, default=None,
+                        help="resident-memory cap of one distillation, MiB; a run over it is reported as capped")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileSpec:
+    """One (dataset, method) run of the profile; plain data so it can cross a process boundary."""
+
+    dataset: str
+    method: str
+    data_dir: str | None
+    out: str
+    suite: str
+    steps: int
+    budget: int
+    seq_len: int
+    seed: int
+    threads: int | None
+    probe: bool
+    wall_cap_s: float | None
+    rss_cap_mib: float | None
+    log_level: int = logging.WARNING
+
+
+def _shared_cache(spec: ProfileSpec):
+    """Load the suite, the dataset and a shared cache as the runner would build them."""
+    from bench.config import build_config
+    from bench.context import SharedCache
+    from bench.data import DatasetConfig, load_dataset
+    from bench.runner import load_suite
+
+    suite = load_suite(spec.suite)
+    data_config = build_config(DatasetConfig, dict(suite.data), where="suite data")
+    data = load_dataset(spec.dataset, data_dir=spec.data_dir, config=data_config)
+    cache = SharedCache(data, suite.encoder, suite.protocol.learner, suite.expert, Path(spec.out) / "cache")
+    return suite, cache
+
+
+def method_overrides(name: str, suite, steps: int) -> dict[str, Any]:
+    """Return the suite's config overrides for ``name`` with ``steps`` set, if the method has that field.
+
+    Args:
+        name: registered method name.
+        suite: the loaded suite (its ``method_configs`` apply first).
+        steps: the short schedule's step count.
+
+    Returns:
+        The overrides for :func:`bench.registry.build_method`.
+    """
+    from bench.registry import get_method
+
+    overrides = dict(suite.method_configs.get(name, {}))
+    fields = {field.name for field in dataclasses.fields(get_method(name).Config)}
+    if "steps" in fields:
+        overrides["steps"] = steps
+    else:
+        logger.warning("method %s has no 'steps' field; it runs with its own schedule", name)
+    return overrides
+
+
+def profile_cell(spec: ProfileSpec) -> dict[str, Any]:
+    """Run one method's ``distill`` under the cost meter and return its raw measurements.
+
+    Args:
+        spec: what to run.
+
+    Returns:
+        ``outcome`` ("ok", "capped" or "failed"), ``error``, the ``distill``
+        phase of the meter, ``rss_start_mib``, ``n_items``,
+        ``n_train_sequences`` and the method's ``meta``.
+    """
+    import torch
+
+    from bench.context import MethodContext
+    from bench.method import Budget
+    from bench.profiling import CostMeter, current_rss_mib
+    from bench.registry import build_method
+    from bench.runner import make_probe
+
+    if spec.threads is not None:
+        torch.set_num_threads(spec.threads)
+    if not logging.getLogger().handlers:
+        # A spawned worker starts without handlers; it logs at the parent's level.
+        logging.basicConfig(level=spec.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            datefmt="%H:%M:%S")
+    suite, cache = _shared_cache(spec)
+    method = build_method(spec.method, method_overrides(spec.method, suite, spec.steps))
+    cache.text_vectors()
+    if method.needs_expert:
+        cache.expert()
+    meter = CostMeter(device="cpu", wall_cap_s=spec.wall_cap_s, rss_cap_mib=spec.rss_cap_mib)
+    probe = make_probe(cache, suite.protocol, spec.seed) if spec.probe else None
+    context = MethodContext(seed=spec.seed, device="cpu", meter=meter, cache=cache, probe=probe)
+    budget = Budget(spec.budget, spec.seq_len) if method.uses_budget else None
+
+    result: dict[str, Any] = {"outcome": "ok", "error": None, "meta": {}}
+    rss_start = current_rss_mib()
+    try:
+        with meter.phase("distill", capped=True):
+            synthetic = method.distill(cache.data.train_view(), budget, context)
+        result["meta"] = synthetic.meta
+    except CappedError as exc:
+        result.update(outcome="capped", error=str(exc))
+    except MemoryError as exc:
+        result.update(outcome="capped", error=f"out of memory: {exc}")
+    except (BenchError, FloatingPointError, ValueError, RuntimeError) as exc:
+        logger.error("profile %s/%s failed: %s: %s", spec.dataset, spec.method, type(exc).__name__, exc)
+        result.update(outcome="failed", error=f"{type(exc).__name__}: {exc}")
+    result.update(
+        distill=meter.phases.get("distill", {}),
+        rss_start_mib=rss_start,
+        n_items=cache.data.n_items,
+        n_train_sequences=int(sum(len(s) >= 2 for s in cache.data.train_seqs)),
+    )
+    return result
+
+
+def _run_isolated(spec: ProfileSpec) -> dict[str, Any]:
+    """Run :func:`profile_cell` in a fresh spawned process, so nothing is inherited.
+
+    A worker that dies (for example killed by the kernel for memory) gives a
+    ``failed`` result instead of a hang.
+    """
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        try:
+            return pool.submit(profile_cell, spec).result()
+        except BrokenProcessPool as exc:
+            logger.error("profile %s/%s: the worker process died: %s", spec.dataset, spec.method, exc)
+            return {"outcome": "failed", "error": f"worker process died: {exc}", "meta": {}, "distill": {},
+                    "rss_start_mib": math.nan, "n_items": None, "n_train_sequences": 0}
+
+
+def summarise(spec: ProfileSpec, raw: dict[str, Any]) -> dict[str, Any]:
+    """Turn one run's raw measurements into a profile row (ratios are added later).
+
+    Args:
+        spec: the run.
+        raw: what :func:`profile_cell` returned.
+
+    Returns:
+        A row with the keys of :data:`COLUMNS` except the ratios.
+    """
+    meta = raw.get("meta") or {}
+    distill = raw.get("distill") or {}
+    step_s = meta.get("step_wall_s")
+    real_batch = meta.get("real_batch")
+    epoch_s = None
+    if step_s is not None and real_batch:
+        epoch_s = step_s * raw["n_train_sequences"] / real_batch
+    history = meta.get("probe_history") or []
+    best_s = max(history, key=lambda entry: entry["ndcg@10"])["elapsed_s"] if history else None
+    peak = distill.get("peak_rss_mib")
+    return {
+        "dataset": spec.dataset,
+        "n_items": raw.get("n_items"),
+        "method": spec.method,
+        "outcome": raw["outcome"],
+        "error": raw.get("error"),
+        "steps": meta.get("steps"),
+        "step_s": step_s,
+        "epoch_s": epoch_s,
+        "best_s": best_s,
+        "peak_rss_mib": peak,
+        "distill_rss_mib": None if peak is None else max(0.0, peak - raw["rss_start_mib"]),
+        "distill_wall_s": distill.get("wall_s"),
+    }
+
+
+def best_times_from_records(out: Path, suite_name: str, budget: int) -> dict[tuple[str, str], float]:
+    """Mean wall time to the best validation NDCG@10 per (dataset, method) from run records.
+
+    Args:
+        out: the output folder (records under ``OUT/runs/SUITE``).
+        suite_name: the suite whose records to read.
+        budget: only records of this number of sequences count.
+
+    Returns:
+        ``{(dataset, method): seconds}`` over records with a probe history.
+    """
+    from bench.records import read_records
+
+    times: dict[tuple[str, str], list[float]] = {}
+    for record in read_records(out / "runs" / suite_name):
+        if record.get("outcome") != "ok" or (record.get("budget") or {}).get("n_sequences") != budget:
+            continue
+        history = ((record.get("synthetic") or {}).get("meta") or {}).get("probe_history") or []
+        if history:
+            best = max(history, key=lambda entry: entry["ndcg@10"])
+            times.setdefault((record["dataset"], record["method"]), []).append(best["elapsed_s"])
+    return {key: float(np.mean(values)) for key, values in times.items()}
+
+
+def add_ratios(frame: pd.DataFrame) -> pd.DataFrame:
+    """Add each row's ratio to the FOSTER row of the same dataset (NA without one)."""
+    frame = frame.copy()
+    for column, source in (("epoch_vs_foster", "epoch_s"), ("best_vs_foster", "best_s"),
+                           ("memory_vs_foster", "distill_rss_mib")):
+        ratios = []
+        for _, row in frame.iterrows():
+            reference = frame[(frame["dataset"] == row["dataset"]) & (frame["method"] == REFERENCE)]
+            base = reference[source].iloc[0] if len(reference) else None
+            value = row[source]
+            usable = base is not None and value is not None and not pd.isna(base) and not pd.isna(value)
+            ratios.append(value / base if usable and base > 0 else None)
+        frame[column] = ratios
+    return frame
+
+
+def render(frame: pd.DataFrame) -> str:
+    """Render the profile table as GitHub Markdown (NA for missing values)."""
+    cells = frame[COLUMNS].astype(object).where(frame[COLUMNS].notna(), "NA")
+    return tabulate(cells.values.tolist(), headers=COLUMNS, tablefmt="github", floatfmt=".3g")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the cost profile described by ``args`` and write its tables.
+
+    Args:
+        args: parsed options from :func:`add_arguments`.
+
+    Returns:
+        0 when every run finished ``ok``, 1 when some were capped or failed.
+
+    Raises:
+        ConfigError: on a non-positive ``--steps``, ``--budget`` or ``--seq-len``.
+        UnknownNameError: on an unknown method or suite name.
+    """
+    from bench.registry import get_method
+
+    for option in ("steps", "budget", "seq_len"):
+        if getattr(args, option) < 1:
+            raise ConfigError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
+    needs_expert = any(get_method(name).needs_expert for name in args.methods)
+    if REFERENCE not in args.methods:
+        logger.warning("%s is not among the methods; the ratio columns will be NA", REFERENCE)
+
+    rows = []
+    for dataset in args.datasets:
+        spec_base = ProfileSpec(
+            dataset=dataset, method="", data_dir=None if args.data_dir is None else str(args.data_dir),
+            out=str(args.out), suite=str(args.suite), steps=args.steps, budget=args.budget,
+            seq_len=args.seq_len, seed=args.seed, threads=getattr(args, "threads", None), probe=args.probe,
+            wall_cap_s=args.wall_cap_s, rss_cap_mib=args.rss_cap_mib,
+            log_level=logging.getLogger().getEffectiveLevel(),
+        )
+        # Shared inputs first, so every timed run only loads them from the cache.
+        started = time.perf_counter()
+        _, cache = _shared_cache(spec_base)
+        cache.text_vectors()
+        if needs_expert:
+            cache.expert()
+        logger.info("profile %s: shared inputs ready in %.1f s (amortised, not profiled)", dataset,
+                    time.perf_counter() - started)
+        del cache
+
+        for name in args.methods:
+            spec = dataclasses.replace(spec_base, method=name)
+            logger.info("profile %s/%s: %d steps", dataset, name, args.steps)
+            raw = profile_cell(spec) if args.in_process else _run_isolated(spec)
+            row = summarise(spec, raw)
+            logger.info("profile %s/%s: %s, %s s/step, peak RSS %s MiB", dataset, name, row["outcome"],
+                        _format(row["step_s"]), _format(row["peak_rss_mib"]))
+            rows.append(row)
+
+    frame = pd.DataFrame(rows)
+    if args.records_suite:
+        best = best_times_from_records(args.out, args.records_suite, args.budget)
+        frame["best_s"] = [best.get((d, m), b) for d, m, b in zip(frame["dataset"], frame["method"], frame["best_s"])]
+    frame = add_ratios(frame)
+
+    folder = args.out / "profile"
+    folder.mkdir(parents=True, exist_ok=True)
+    table = render(frame)
+    frame.to_csv(folder / "profile.csv", index=False)
+    note = (
+        f"Cost profile: {args.steps} distillation steps per method, budget {args.budget}x{args.seq_len}, "
+        f"suite {args.suite} settings, seed {args.seed}. epoch_s = step_s x training sequences / real batch; "
+        "distill_rss_mib = peak RSS during distill minus RSS at its start; *_vs_foster = value / FOSTER's value.\n"
+    )
+    (folder / "profile.md").write_text(f"# Cost profile\n\n{note}\n{table}\n", encoding="utf-8")
+    print(table)
+    print(f"Wrote {folder / 'profile.md'} and {folder / 'profile.csv'}.")
+    return 0 if (frame["outcome"] == "ok").all() else 1
+
+
+def _format(value) -> str:
+    return "NA" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3g}"

@@ -1,0 +1,174 @@
+"""Cost profile command: rows, epoch-time formula, ratios to FOSTER, caps, isolation, on a steam slice."""
+
+import argparse
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from bench.errors import ConfigError
+from bench.profile import ProfileSpec, add_arguments, add_ratios, best_times_from_records, run, summarise
+from bench.records import RECORD_SCHEMA
+from bench.registry import get_method
+
+METHODS = ("foster", "td3", "farzi")
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+@pytest.fixture(scope="module")
+def tiny_suite(tmp_path_factory) -> str:
+    """A suite file with a tiny learner, a 2-epoch expert, 300 steam users and fast method configs."""
+    lines = [
+        'name = "profile-tiny"', 'datasets = ["steam"]', f"methods = {_toml_value(list(METHODS))}",
+        "budgets = [5]", "seq_len = 10", "seeds = [0]",
+        "[protocol]", "max_steps = 20", "eval_every = 10", "patience = 2",
+        "[learner]", "hidden = 16", "layers = 1", "max_len = 20",
+        "[encoder]", "max_length = 32",
+        "[expert]", "epochs = 2", "batch_size = 64",
+        "[data]", "sample_users = 300", "sample_seed = 0",
+    ]
+    for name in METHODS:
+        lines.append(f"[method.{name}]")
+        for key, value in get_method(name).test_overrides.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+    path = tmp_path_factory.mktemp("suite") / "tiny.toml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def _args(shared_data, out, suite, *extra):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([
+        "--methods", ",".join(METHODS), "--datasets", "steam", "--data-dir", str(shared_data),
+        "--out", str(out), "--suite", suite, "--steps", "2", "--budget", "5", "--seq-len", "10", *extra,
+    ])
+    # The CLI's top-level --threads option lands on the same namespace.
+    args.threads = 1
+    return args
+
+
+@pytest.fixture(scope="module")
+def profile_run(shared_data, tiny_suite, tmp_path_factory):
+    out = tmp_path_factory.mktemp("profile")
+    code = run(_args(shared_data, out, tiny_suite, "--in-process"))
+    return code, out, pd.read_csv(out / "profile" / "profile.csv")
+
+
+def test_profile_exits_zero_when_all_ok(profile_run):
+    assert profile_run[0] == 0
+
+
+def test_profile_has_one_row_per_method(profile_run):
+    assert list(profile_run[2]["method"]) == list(METHODS)
+
+
+def test_profile_rows_are_ok(profile_run):
+    assert set(profile_run[2]["outcome"]) == {"ok"}
+
+
+def test_profile_times_every_method(profile_run):
+    frame = profile_run[2]
+    assert (frame["step_s"] > 0).all()
+    assert (frame["epoch_s"] > frame["step_s"]).all()
+    assert (frame["peak_rss_mib"] > 0).all()
+
+
+def test_profile_foster_ratio_is_one(profile_run):
+    foster = profile_run[2].set_index("method").loc["foster"]
+    assert foster["epoch_vs_foster"] == pytest.approx(1.0)
+
+
+def test_profile_best_time_is_na_without_probe(profile_run):
+    assert profile_run[2]["best_s"].isna().all()
+
+
+def test_profile_writes_markdown(profile_run):
+    text = (profile_run[1] / "profile" / "profile.md").read_text(encoding="utf-8")
+    assert "epoch_vs_foster" in text
+    assert "| td3" in text
+
+
+def test_summarise_epoch_time_formula():
+    spec = ProfileSpec("steam", "td3", None, "reports", "games", 2, 5, 10, 0, None, False, None, None)
+    raw = {
+        "outcome": "ok", "n_items": 100, "n_train_sequences": 1000, "rss_start_mib": 500.0,
+        "distill": {"peak_rss_mib": 650.0, "wall_s": 3.0},
+        "meta": {"steps": 2, "step_wall_s": 0.5, "real_batch": 250,
+                 "probe_history": [{"step": 1, "elapsed_s": 4.0, "ndcg@10": 0.1},
+                                   {"step": 2, "elapsed_s": 9.0, "ndcg@10": 0.3}]},
+    }
+    row = summarise(spec, raw)
+    assert row["epoch_s"] == pytest.approx(2.0)
+    assert row["best_s"] == pytest.approx(9.0)
+    assert row["distill_rss_mib"] == pytest.approx(150.0)
+
+
+def test_summarise_without_step_timing_gives_na():
+    spec = ProfileSpec("steam", "random", None, "reports", "games", 2, 5, 10, 0, None, False, None, None)
+    raw = {"outcome": "ok", "n_items": 100, "n_train_sequences": 1000, "rss_start_mib": 500.0,
+           "distill": {"peak_rss_mib": 510.0}, "meta": {}}
+    row = summarise(spec, raw)
+    assert row["epoch_s"] is None
+    assert row["best_s"] is None
+
+
+def test_ratios_divide_by_foster_of_same_dataset():
+    frame = pd.DataFrame([
+        {"dataset": "a", "method": "foster", "epoch_s": 2.0, "best_s": None, "distill_rss_mib": 10.0},
+        {"dataset": "a", "method": "td3", "epoch_s": 50.0, "best_s": 7.0, "distill_rss_mib": 300.0},
+        {"dataset": "b", "method": "td3", "epoch_s": 80.0, "best_s": 7.0, "distill_rss_mib": 300.0},
+    ])
+    out = add_ratios(frame)
+    assert out.loc[1, "epoch_vs_foster"] == pytest.approx(25.0)
+    assert out.loc[1, "memory_vs_foster"] == pytest.approx(30.0)
+    assert pd.isna(out.loc[1, "best_vs_foster"])
+    assert pd.isna(out.loc[2, "epoch_vs_foster"])
+
+
+def test_best_times_read_from_run_records(tmp_path):
+    folder = tmp_path / "runs" / "games"
+    folder.mkdir(parents=True)
+    for seed, elapsed in ((0, 10.0), (1, 20.0)):
+        record = {
+            "schema": RECORD_SCHEMA, "outcome": "ok", "dataset": "games", "method": "td3",
+            "budget": {"n_sequences": 50, "seq_len": 20},
+            "synthetic": {"meta": {"probe_history": [{"step": 5, "elapsed_s": elapsed, "ndcg@10": 0.2},
+                                                     {"step": 10, "elapsed_s": 99.0, "ndcg@10": 0.1}]}},
+        }
+        (folder / f"r{seed}.json").write_text(json.dumps(record), encoding="utf-8")
+    assert best_times_from_records(tmp_path, "games", 50) == {("games", "td3"): pytest.approx(15.0)}
+
+
+def test_profile_rejects_zero_steps(shared_data, tiny_suite, tmp_path):
+    args = _args(shared_data, tmp_path, tiny_suite, "--in-process")
+    args.steps = 0
+    with pytest.raises(ConfigError, match="--steps"):
+        run(args)
+
+
+def test_profile_reports_capped_run(shared_data, tiny_suite, tmp_path):
+    args = _args(shared_data, tmp_path, tiny_suite, "--in-process", "--wall-cap-s", "0")
+    args.methods = ["td3"]
+    assert run(args) == 1
+    frame = pd.read_csv(tmp_path / "profile" / "profile.csv")
+    assert frame.loc[0, "outcome"] == "capped"
+
+
+def test_profile_isolated_run_is_timed(shared_data, tiny_suite, tmp_path):
+    args = _args(shared_data, tmp_path, tiny_suite)
+    args.methods = ["farzi"]
+    assert run(args) == 0
+    frame = pd.read_csv(tmp_path / "profile" / "profile.csv")
+    assert frame.loc[0, "step_s"] > 0
+    assert not math.isnan(frame.loc[0, "distill_rss_mib"])
