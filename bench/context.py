@@ -76,15 +76,10 @@ class SharedCache:
 
     @property
     def text_identity(self) -> str:
-        from bench.text import TextEncoder
-
-        return getattr(self, "_identity", None) or self._compute_identity()
-
-    def _compute_identity(self) -> str:
+        """Hash of the encoder config and the dataset content the vectors come from."""
         from bench.config import config_dict, stable_hash
 
-        self._identity = stable_hash({"encoder": config_dict(self.encoder), "texts": self.data.fingerprint})
-        return self._identity
+        return stable_hash({"encoder": config_dict(self.encoder), "texts": self.data.fingerprint})
 
     def expert(self) -> ExpertTrajectory:
         """The expert trajectory (built and cached on first use)."""

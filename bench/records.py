@@ -69,6 +69,8 @@ def write_json_atomic(path: Path, payload: dict) -> None:
             json.dump(payload, fh, indent=2, sort_keys=True, default=str)
             fh.flush()
             os.fsync(fh.fileno())
+        # mkstemp creates the file as 0600; records are meant to be shared.
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -90,11 +90,10 @@ class Suite:
         check_range("suite", "seq_len", self.seq_len, low=2)
         for name in self.methods:
             get_method(name)
-        unknown = set(self.method_configs) - set(self.methods)
-        if unknown:
-            raise ConfigError(
-                f"suite: method_configs names {sorted(unknown)} which are not in methods {list(self.methods)}"
-            )
+        # Configs may name registered methods outside ``methods`` so that one
+        # suite file serves runs that pick methods with --methods.
+        for name, values in self.method_configs.items():
+            build_config(get_method(name).Config, dict(values), where=f"suite method {name!r}")
         build_config(DatasetConfig, dict(self.data), where="suite data")
 
 
@@ -223,7 +222,10 @@ def expand_cells(suite: Suite, dataset: str) -> list[Cell]:
 
 def cell_key(cell: Cell, suite: Suite, fingerprint: str, method_config: dict | None) -> str:
     """Hash of everything that can change the cell's result."""
-    method_version = get_method(cell.method).version if cell.method != REFERENCE_POP else "1"
+    method_cls = get_method(cell.method) if cell.method != REFERENCE_POP else None
+    method_version = method_cls.version if method_cls else "1"
+    # The expert schedule changes only the results of methods that read the expert.
+    uses_expert = bool(method_cls and method_cls.needs_expert)
     return stable_hash(
         {
             "method": cell.method,
@@ -235,7 +237,7 @@ def cell_key(cell: Cell, suite: Suite, fingerprint: str, method_config: dict | N
             "data_config": dict(suite.data),
             "protocol": suite.protocol.hash() if cell.method != REFERENCE_POP else list(suite.protocol.ks),
             "encoder": config_dict(suite.encoder),
-            "expert": config_dict(suite.expert),
+            "expert": config_dict(suite.expert) if uses_expert else None,
             "bench_version": __version__,
         },
         length=20,
@@ -251,7 +253,7 @@ def record_path(out_dir: Path, suite: Suite, cell: Cell, key: str) -> Path:
 # Running ------------------------------------------------------------------
 
 
-def _make_probe(cache: SharedCache, protocol: Protocol, seed: int):
+def make_probe(cache: SharedCache, protocol: Protocol, seed: int):
     """Validation probe for methods: a short training, scored on validation users only."""
 
     def probe(synthetic, max_steps: int = 300, n_users: int = 2000) -> float:
@@ -260,7 +262,8 @@ def _make_probe(cache: SharedCache, protocol: Protocol, seed: int):
         rng = np.random.default_rng(derive_seed(seed, "probe-users"))
         users = None if n_eval <= n_users else np.sort(rng.choice(n_eval, n_users, replace=False))
         short = dataclasses.replace(protocol, max_steps=max_steps, eval_every=max(1, max_steps // 5))
-        result = train_on_set(synthetic, data, cache.text_vectors(), short, seed, progress=False, valid_users=users)
+        result = train_on_set(synthetic, data, cache.text_vectors(), short, seed, progress=False, valid_users=users,
+                              encoder=cache.encoder, cache_dir=cache.cache_dir)
         return result.best_valid[protocol.select_metric]
 
     return probe
@@ -280,9 +283,11 @@ def run_cell(cell: Cell, suite: Suite, cache: SharedCache, method_config: dict |
             text = cache.text_vectors()
             if method.needs_expert:
                 cache.expert()
+            if method.needs_representations:
+                cache.sequence_representations()
             context = MethodContext(
                 seed=cell.seed, device="cpu", meter=meter, cache=cache,
-                probe=_make_probe(cache, suite.protocol, cell.seed),
+                probe=make_probe(cache, suite.protocol, cell.seed),
             )
             with meter.phase("distill", capped=True):
                 synthetic = method.distill(cache.data.train_view(), cell.budget, context)
@@ -294,7 +299,8 @@ def run_cell(cell: Cell, suite: Suite, cache: SharedCache, method_config: dict |
                 "meta": synthetic.meta,
             }
             with meter.phase("evaluate"):
-                result = evaluate_set(synthetic, cache.data, text, suite.protocol, cell.seed, progress=progress)
+                result = evaluate_set(synthetic, cache.data, text, suite.protocol, cell.seed, progress=progress,
+                                      encoder=cache.encoder, cache_dir=cache.cache_dir)
             body.update(
                 valid=result["valid"], test=result["test"], users=result["users"],
                 best_step=result["best_step"], history=result["history"],

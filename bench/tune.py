@@ -204,7 +204,8 @@ def method_objective(
         except CappedError as exc:
             trial.set_user_attr("capped", str(exc))
             raise optuna.TrialPruned(str(exc)) from exc
-        result = train_on_set(synthetic, cache.data, cache.text_vectors(), suite.protocol, seed, progress=False)
+        result = train_on_set(synthetic, cache.data, cache.text_vectors(), suite.protocol, seed, progress=False,
+                              encoder=cache.encoder, cache_dir=cache.cache_dir)
         value = result.best_valid[suite.protocol.select_metric]
         trial.set_user_attr("distill_wall_s", meter.phases["distill"]["wall_s"])
         trial.set_user_attr("trial_wall_s", time.perf_counter() - start)

@@ -68,11 +68,11 @@ def method_context(cache, seed=0):
     from bench.context import MethodContext
     from bench.evaluator import Protocol
     from bench.profiling import CostMeter
-    from bench.runner import _make_probe
+    from bench.runner import make_probe
 
     protocol = Protocol(learner=cache.learner, max_steps=20, eval_every=10, patience=2)
     return MethodContext(seed=seed, device="cpu", meter=CostMeter(), cache=cache,
-                         probe=_make_probe(cache, protocol, seed))
+                         probe=make_probe(cache, protocol, seed))
 
 
 def write_atomic(folder: Path, name: str, inter_rows, item_rows=None) -> Path:
