@@ -106,7 +106,8 @@ class Protocol:
         """Hash of every field that can change a metric (eval batch size excluded)."""
         data = config_dict(self)
         data.pop("eval_batch_size")
-        # These fields enter the hash only at non-default values, so records written before they existed keep their keys.
+        # These fields enter the hash only at non-default values, so records written
+        # before the fields existed keep their keys.
         if data["encoder_mode"] == "frozen":
             data.pop("encoder_mode")
         if data["top_k"] == 1:

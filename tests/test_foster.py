@@ -136,7 +136,7 @@ def test_local_ids_map_to_subset_columns():
     assert torch.equal(local, torch.tensor([[0, 1, 2], [2, 3, 1]]))
 
 
-def test_subset_step_encodes_only_subset_frozen(steam_cache):
+def test_frozen_step_encodes_only_subset(steam_cache):
     run = _run(steam_cache)
     spy = RecordingItemText(run.item_text)
     run.item_text = spy
@@ -167,7 +167,7 @@ def test_subset_larger_than_catalogue_raises(steam_cache):
         _run(steam_cache, subset_size=n_items + 1)
 
 
-def test_subset_larger_than_catalogue_clipped_on_request(steam_cache, caplog):
+def test_subset_clipped_when_configured(steam_cache, caplog):
     n_items = steam_cache.data.n_items
     with caplog.at_level(logging.WARNING, logger="methods.foster"):
         run = _run(steam_cache, subset_size=n_items + 1, clip_subset=True)
@@ -181,6 +181,21 @@ def test_no_subset_ablation_uses_whole_catalogue(steam_cache):
     assert len(run.last_items) == run.n_items
 
 
+def test_full_catalogue_target_computed_once(steam_cache):
+    run = _run(steam_cache, name="foster-no-subset")
+    items = torch.arange(run.n_items)
+    text = run.item_text.vectors(items)
+    assert run.cooc_target(items, text) is run.cooc_target(items, text)
+
+
+def test_subset_target_follows_subset(steam_cache):
+    run = _run(steam_cache)
+    items_a, _, text_a = _step_inputs(run)
+    items_b, _, text_b = _step_inputs(run)
+    assert run.cooc_target(items_a, text_a)[0].shape[0] == len(items_a)
+    assert run.cooc_target(items_b, text_b)[0].shape[0] == len(items_b)
+
+
 # Component 2: first-order updates and resets ----------------------------------
 
 
@@ -188,12 +203,12 @@ def _step_inputs(run):
     batch = run.next_real_batch()
     items = run.sample_subset(batch)
     text = run.item_text.vectors(items)
-    return local_ids(batch, items), text
+    return items, local_ids(batch, items), text
 
 
 def test_aux_learner_loss_has_no_path_to_z(steam_cache):
     run = _run(steam_cache)
-    local, text = _step_inputs(run)
+    _, local, text = _step_inputs(run)
     loss = run.aux_loss(run.learner_rows(text), text)
     assert loss.requires_grad
     assert torch.autograd.grad(loss, [run.z], allow_unused=True)[0] is None
@@ -201,7 +216,7 @@ def test_aux_learner_loss_has_no_path_to_z(steam_cache):
 
 def test_main_learner_loss_has_no_path_to_z(steam_cache):
     run = _run(steam_cache)
-    local, text = _step_inputs(run)
+    _, local, text = _step_inputs(run)
     total, _, _ = run.main_loss(local, run.learner_rows(text), text, penalty=5.0)
     assert total.requires_grad
     assert torch.autograd.grad(total, [run.z], allow_unused=True)[0] is None
@@ -210,7 +225,7 @@ def test_main_learner_loss_has_no_path_to_z(steam_cache):
 def test_learner_update_leaves_z_unchanged(steam_cache):
     run = _run(steam_cache)
     before = run.z.detach().clone()
-    local, text = _step_inputs(run)
+    _, local, text = _step_inputs(run)
     total, _, _ = run.main_loss(local, run.learner_rows(text), text, penalty=5.0)
     total.backward()
     run.learners.main_optimizer.step()
@@ -218,12 +233,12 @@ def test_learner_update_leaves_z_unchanged(steam_cache):
     assert torch.equal(run.z.detach(), before)
 
 
-def test_data_gradient_equals_gradient_at_fresh_learner_copies(steam_cache):
+def test_data_gradient_matches_fresh_learners(steam_cache):
     run = _run(steam_cache, use_cooc=False)
     for step in (1, 2):
         run.step(step)
-    _, text = _step_inputs(run)
-    objective, _, _ = run.data_loss(text, penalty=3.0)
+    items, _, text = _step_inputs(run)
+    objective, _, _ = run.data_loss(items, text, penalty=3.0)
     (grad,) = torch.autograd.grad(objective, [run.z])
 
     # Fresh copies carry no update history, so a first-order gradient must match them exactly.
@@ -240,8 +255,8 @@ def test_data_gradient_equals_gradient_at_fresh_learner_copies(steam_cache):
 
 def test_data_update_leaves_learner_grads_empty(steam_cache):
     run = _run(steam_cache)
-    _, text = _step_inputs(run)
-    objective, _, _ = run.data_loss(text, penalty=3.0)
+    items, _, text = _step_inputs(run)
+    objective, _, _ = run.data_loss(items, text, penalty=3.0)
     torch.autograd.grad(objective, [run.z])
     assert all(p.grad is None for p in run.learners.main.parameters())
     assert all(p.grad is None for p in run.learners.aux.parameters())
@@ -281,7 +296,7 @@ def test_reset_does_not_write_shared_text_vectors(steam_cache):
     assert torch.equal(text, before)
 
 
-def test_reset_schedule_every_r_steps_in_epoch_range(steam_cache):
+def test_reset_schedule_and_epoch_range(steam_cache):
     method = build_method("foster", {**FAST, "steps": 6, "reset_every": 2, "expert_epoch_min": 2})
     out = method.distill(steam_cache.data.train_view(), Budget(4, 6), _context(steam_cache))
     resets = out.meta["resets"]
@@ -383,7 +398,7 @@ def test_initial_latents_decode_to_real_sequences(steam_cache):
     assert np.array_equal(decoded, run.initial_ids)
 
 
-def test_output_soft_rows_match_expander_and_hard_decoding(steam_cache):
+def test_output_rows_match_hard_decoding(steam_cache):
     out = build_method("foster", FAST).distill(steam_cache.data.train_view(), Budget(4, 6), _context(steam_cache))
     probs = out.soft_probs()
     expected = synthetic_rows(out.factors["z"], steam_cache.text_vectors(), float(out.factors["tau"]))
@@ -455,7 +470,8 @@ def test_missing_budget_raises(steam_cache):
 
 
 @pytest.mark.parametrize(
-    "name, field", [("foster-no-subset", "use_subset"), ("foster-no-reset", "use_reset"), ("foster-no-cooc", "use_cooc")]
+    "name, field",
+    [("foster-no-subset", "use_subset"), ("foster-no-reset", "use_reset"), ("foster-no-cooc", "use_cooc")],
 )
 def test_ablation_rejects_its_component(name, field):
     with pytest.raises(ConfigError, match=field):
@@ -489,7 +505,7 @@ def tuned_run(small_cache):
     return _run(small_cache, encoder_mode="tune-top-k", top_k=1, subset_size=64, real_batch=8)
 
 
-def test_tune_top_k_step_encodes_only_subset(tuned_run):
+def test_top_k_step_encodes_only_subset(tuned_run):
     run = tuned_run
     rows = []
     handle = run.item_text.top_layers.register_forward_hook(lambda m, inputs, out: rows.append(inputs[0].shape[0]))
@@ -501,7 +517,7 @@ def test_tune_top_k_step_encodes_only_subset(tuned_run):
     assert len(run.last_items) < run.n_items
 
 
-def test_tune_top_k_step_trains_encoder_layers(tuned_run):
+def test_top_k_step_trains_encoder_layers(tuned_run):
     run = tuned_run
     before = [p.detach().clone() for p in run.item_text.parameters()]
     run.step(2)
@@ -509,14 +525,14 @@ def test_tune_top_k_step_trains_encoder_layers(tuned_run):
     assert any(not torch.equal(a, b) for a, b in zip(after, before))
 
 
-def test_tune_top_k_export_uses_tuned_vectors(tuned_run, small_cache):
+def test_top_k_export_uses_tuned_vectors(tuned_run, small_cache):
     out = tuned_run.candidate()
     vectors = out.factors["item_vectors"]
     assert vectors.shape == small_cache.text_vectors().shape
     assert not torch.allclose(vectors, small_cache.text_vectors(), atol=1e-6)
 
 
-def test_tuned_vectors_checkpointing_keeps_gradients(tuned_run, monkeypatch):
+def test_checkpointed_encoding_same_gradients(tuned_run, monkeypatch):
     item_text = tuned_run.item_text
     items = torch.arange(40)
 
@@ -536,7 +552,7 @@ def test_tuned_vectors_checkpointing_keeps_gradients(tuned_run, monkeypatch):
         assert torch.allclose(plain, chunked, atol=1e-5)
 
 
-def test_protocol_hash_unchanged_by_default_encoder_fields():
+def test_protocol_hash_ignores_default_mode():
     protocol = Protocol()
     data = config_dict(protocol)
     for key in ("eval_batch_size", "encoder_mode", "top_k"):
@@ -554,7 +570,7 @@ def test_protocol_rejects_unknown_encoder_mode():
         Protocol(encoder_mode="finetune")
 
 
-def test_tune_top_k_evaluation_learner_trains_on_subsets(small_cache, monkeypatch):
+def test_top_k_learner_trains_on_subsets(small_cache, monkeypatch):
     # The default 512 drawn items would cover this 516-item slice; 64 leaves most items out.
     monkeypatch.setattr(topk, "TRAIN_SUBSET_SIZE", 64)
     protocol = Protocol(learner=small_cache.learner, max_steps=4, eval_every=2, encoder_mode="tune-top-k", top_k=1)
@@ -569,7 +585,7 @@ def test_tune_top_k_evaluation_learner_trains_on_subsets(small_cache, monkeypatc
     assert ranks.min() >= 1
 
 
-def test_tune_top_k_evaluation_learner_trains_on_soft_rows(small_cache):
+def test_top_k_learner_trains_on_soft_rows(small_cache):
     protocol = Protocol(learner=small_cache.learner, max_steps=2, eval_every=2, encoder_mode="tune-top-k", top_k=1)
     data = small_cache.data
     probs = torch.softmax(torch.randn(3, 6, data.n_items, generator=torch.Generator().manual_seed(0)) * 5, -1)
@@ -579,7 +595,7 @@ def test_tune_top_k_evaluation_learner_trains_on_soft_rows(small_cache):
     assert result.best_step == 2
 
 
-def test_frozen_training_unchanged_by_encoder_arguments(steam_cache):
+def test_frozen_training_ignores_encoder_args(steam_cache):
     protocol = Protocol(learner=steam_cache.learner, max_steps=3, eval_every=3)
     data = steam_cache.data
     synthetic = SyntheticSet.from_sequences([s for s in data.train_seqs[:20]], data.n_items, 10)

@@ -16,12 +16,14 @@ Environment variables:
         computed by a suite run are reused).
     BENCH_PERF_THREADS: torch threads during the measurement (default 1).
 
-Figures: the benchmark table gives the step wall time; ``extra_info`` and one
+Figures: the benchmark table gives the step wall time. ``extra_info`` and one
 INFO log line per case give the peak RSS in MiB during the measured steps
 (``bench.profiling``), its growth over the RSS before them, and the items per
 step. The learners start from a stand-in expert trajectory with one untrained
 checkpoint, because a step's cost does not depend on the checkpoint's values
-and training the games expert takes far longer than this benchmark.
+and training the games expert takes far longer than this benchmark. The
+tune-top-k cases first compute or load the lower-layer token states of every
+title (about 830 MB for games, cached under ``BENCH_PERF_CACHE``).
 """
 
 from __future__ import annotations
@@ -54,11 +56,16 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 class UntrainedExpertCache(SharedCache):
-    """Test stand-in: a SharedCache whose expert trajectory is one untrained learner checkpoint."""
+    """Test stand-in: a SharedCache whose expert trajectory is one untrained learner checkpoint.
+
+    The checkpoint goes to ``stand_in_dir`` (set after construction), never to the shared cache.
+    """
+
+    stand_in_dir: Path
 
     def expert(self) -> ExpertTrajectory:
         if self._expert is None:
-            folder = Path(self.cache_dir) / "perf-untrained-expert"
+            folder = self.stand_in_dir
             folder.mkdir(parents=True, exist_ok=True)
             torch.manual_seed(0)
             torch.save(TextSASRec(self.text_vectors(), self.learner).state_dict(), folder / "epoch_001.pt")
@@ -80,6 +87,7 @@ def perf_cache(tmp_path_factory):
         encoder, learner = EncoderConfig(max_length=32), LearnerConfig(hidden=16, layers=1, max_len=20)
         cache_dir = Path(os.environ.get("BENCH_PERF_CACHE", tmp_path_factory.mktemp("foster-perf-cache")))
     cache = UntrainedExpertCache(data, encoder, learner, ExpertConfig(epochs=1), cache_dir)
+    cache.stand_in_dir = tmp_path_factory.mktemp("untrained-expert")
     cache.text_vectors()
     return cache
 
