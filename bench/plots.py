@@ -31,7 +31,8 @@ def pareto_front(cost: np.ndarray, accuracy: np.ndarray) -> np.ndarray:
 
 
 def _label(row) -> str:
-    return row["method"] if pd.isna(row["budget"]) else f"{row['method']}@{int(row['budget'])}"
+    name = row.get("label", row["method"])
+    return name if pd.isna(row["budget"]) else f"{name}@{int(row['budget'])}"
 
 
 def plot_accuracy_vs_cost(table: pd.DataFrame, path: Path, metric: str = "recall@10", title: str = "") -> Path | None:
@@ -67,7 +68,7 @@ def plot_accuracy_vs_budget(table: pd.DataFrame, path: Path, metric: str = "reca
     if budgeted.empty:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for method, rows in budgeted.groupby("method"):
+    for method, rows in budgeted.groupby("label" if "label" in budgeted else "method"):
         rows = rows.sort_values("budget")
         ax.errorbar(rows["budget"], rows[f"{metric}_mean"], yerr=rows[f"{metric}_std"], marker="o", capsize=3,
                     label=method)

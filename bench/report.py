@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
+from bench.config import stable_hash
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_METRICS = ("recall@10", "ndcg@10")
@@ -34,6 +36,7 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
             "protocol": r["protocol_hash"],
             "hardware": (r.get("environment") or {}).get("hardware", {}).get("cpu"),
             "method": r["method"],
+            "config": stable_hash(r.get("method_config"), length=6),
             "family": r.get("family"),
             "budget": budget["n_sequences"] if budget else None,
             "seq_len": budget["seq_len"] if budget else None,
@@ -56,8 +59,12 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
 def _aggregate(frame: pd.DataFrame, metrics) -> pd.DataFrame:
     ok = frame[frame["outcome"] == "ok"].copy()
     ok["budget_key"] = ok["budget"].fillna(-1)
-    grouped = ok.groupby(["method", "budget_key"], dropna=False)
+    # Records of one method with different configs are variants, never seeds of one row.
+    variants = ok.groupby("method")["config"].nunique()
+    ok["label"] = [m if variants[m] == 1 else f"{m} [{c}]" for m, c in zip(ok["method"], ok["config"])]
+    grouped = ok.groupby(["label", "budget_key"], dropna=False)
     table = grouped.agg(
+        method=("method", "first"),
         family=("family", "first"),
         budget=("budget", "first"),
         seeds=("outcome", "size"),
@@ -71,14 +78,17 @@ def _aggregate(frame: pd.DataFrame, metrics) -> pd.DataFrame:
     table["not_ok"] = table["method"].map(failed).fillna(0).astype(int)
 
     primary = metrics[0]
-    full = table.loc[table["method"] == "full", f"{primary}_mean"]
+    # With several configs of a reference method, the variant with the most seeds is the reference.
+    by_seeds = table.sort_values("seeds", ascending=False, kind="stable")
+    full = by_seeds.loc[by_seeds["method"] == "full", f"{primary}_mean"]
     full_mean = float(full.iloc[0]) if len(full) else np.nan
     table[f"{primary}_vs_full"] = table[f"{primary}_mean"] / full_mean
-    random_by_budget = table[table["method"] == "random"].set_index("budget_key")[f"{primary}_mean"]
+    random_rows = by_seeds[by_seeds["method"] == "random"].drop_duplicates("budget_key")
+    random_by_budget = random_rows.set_index("budget_key")[f"{primary}_mean"]
     table[f"{primary}_vs_random"] = table[f"{primary}_mean"] / table["budget_key"].map(random_by_budget)
     order = {"reference": 0, "coreset": 1, "distill": 2}
     table["_family_order"] = table["family"].map(order).fillna(3)
-    table = table.sort_values(["budget_key", "_family_order", "method"]).drop(columns=["_family_order", "budget_key"])
+    table = table.sort_values(["budget_key", "_family_order", "label"]).drop(columns=["_family_order", "budget_key"])
     return table
 
 
@@ -98,7 +108,7 @@ def _fmt_table(table: pd.DataFrame, metrics) -> list[list]:
     rows = []
     primary = metrics[0]
     for _, r in table.iterrows():
-        row = [r["method"], "all" if pd.isna(r["budget"]) else int(r["budget"]), int(r["seeds"])]
+        row = [r["label"], "all" if pd.isna(r["budget"]) else int(r["budget"]), int(r["seeds"])]
         for m in metrics:
             row.append(f"{r[f'{m}_mean']:.4f} ± {r[f'{m}_std']:.4f}")
         row.append("" if pd.isna(r[f"{primary}_vs_full"]) else f"{100 * r[f'{primary}_vs_full']:.1f}%")

@@ -110,3 +110,11 @@ def test_write_reports_draws_both_plots(tmp_path):
     paths = write_reports(RECORDS, tmp_path)
     assert (tmp_path / "games-accuracy-vs-cost.png").stat().st_size > 0
     assert (tmp_path / "games-accuracy-vs-budget.png").stat().st_size > 0
+
+
+def test_config_variants_are_separate_rows():
+    variant = [dict(copy.deepcopy(r), method_config={"steps": 5}) for r in RECORDS if r["method"] == "random"]
+    (_, table), = leaderboards(RECORDS + variant)
+    random_rows = table[table["method"] == "random"]
+    assert len(random_rows) == 2
+    assert set(random_rows["seeds"]) == {2}
