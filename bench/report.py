@@ -4,7 +4,7 @@ Rows are (method, budget) aggregated over seeds: mean and standard deviation
 of test metrics, the mean relative to full data and to the random subset of
 the same budget, and costs. Records that differ in protocol, dataset
 fingerprint or hardware are never ranked in one table: each combination gets
-its own table, and a note says why there are several.
+its own table, and a note explains why there are several.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def _aggregate(frame: pd.DataFrame, metrics) -> pd.DataFrame:
 
 
 def leaderboards(records: list[dict], metrics=DEFAULT_METRICS) -> list[tuple[dict, pd.DataFrame]]:
-    """One aggregated table per (dataset, fingerprint, protocol, hardware) group."""
+    """Aggregate records into one table per (dataset, fingerprint, protocol, hardware) group."""
     if not records:
         return []
     frame = records_frame(records)
@@ -132,7 +132,7 @@ def _headers(metrics) -> list[str]:
 
 
 def render_markdown(records: list[dict], metrics=DEFAULT_METRICS, title: str | None = None) -> str:
-    """The leaderboard of every group as Markdown text."""
+    """Render the leaderboard of every group as Markdown text."""
     boards = leaderboards(records, metrics)
     if not boards:
         return "No records yet.\n"

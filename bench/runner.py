@@ -207,7 +207,7 @@ class Cell:
 
 
 def expand_cells(suite: Suite, dataset: str) -> list[Cell]:
-    """The cells of one dataset in run order: pop, then methods x budgets x seeds."""
+    """List the cells of one dataset in run order: pop, then methods x budgets x seeds."""
     cells = [Cell(dataset, REFERENCE_POP, None, None)] if suite.include_pop else []
     for name in suite.methods:
         method_cls = get_method(name)
@@ -408,7 +408,7 @@ def prepare_suite(
 
 
 def read_records_file(path: Path) -> dict | None:
-    """One record, or None if it cannot be read (then the cell runs again)."""
+    """Read one record; return None if it cannot be read, so the cell runs again."""
     import json
 
     try:
