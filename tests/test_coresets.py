@@ -157,15 +157,6 @@ def test_selector_too_many_raises(name):
 # registered methods on a real slice ---------------------------------------------
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Run this module on one torch thread: its models are so small that thread synchronisation dominates."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.mark.parametrize("name", ["head", "herding", "kcenter"])
 def test_method_budget_above_eligible_raises(name, steam_cache):
     train = steam_cache.data.train_view()

@@ -32,15 +32,6 @@ from methods.random_subset import eligible_users
 from tests.conftest import method_context
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Run this module on one torch thread: its models are so small that thread synchronisation dominates."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def small_model(steam_cache):
     """An untrained 8-wide learner on the slice's real text vectors (dropout off)."""

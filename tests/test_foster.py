@@ -36,15 +36,6 @@ ENCODER = EncoderConfig(max_length=32)
 FAST = dict(get_method("foster").test_overrides)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These models are tiny; a second thread only adds synchronisation on a shared 2-core machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def steam_cache(shared_data, tmp_path_factory):
     data = load_dataset("steam", data_dir=shared_data, config=DatasetConfig(sample_users=300, sample_seed=0))

@@ -29,14 +29,6 @@ LONG_TITLE = "Legend of Heroes: Trails of Cold Steel IV - The End of Saga (Limit
 EMPTY_CASE = ["Space Trader", "", "\u200b\u200b", "   ", "NA"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def games_titles() -> list[str]:
     if not GAMES_ITEMS.is_file():
