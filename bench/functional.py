@@ -742,3 +742,17 @@ class ProbeSelector:
             self.best_step = step
             self.best_factors = {k: v.detach().clone() for k, v in factors.items()}
         return score
+
+
+def real_training_matrix(context, budget) -> tuple[torch.Tensor, int]:
+    """Return the real training sequences cut to the learner's input length, and the synthetic length.
+
+    Raises:
+        BudgetError: if the budget requests more sequences than there are
+            training sequences with at least two items.
+    """
+    real = torch.from_numpy(context.train_matrix())
+    budget.check_against(len(real))
+    max_len = context.cache.learner.max_len
+    # Budget and LearnerConfig both guarantee lengths of at least 2.
+    return real[:, -(max_len + 1):], min(budget.seq_len, max_len + 1)

@@ -55,13 +55,13 @@ import torch
 
 from bench.config import check_range
 from bench.context import derive_seed
-from bench.errors import ConfigError
 from bench.functional import (
     AdamSettings,
     ExpertStarts,
     FunctionalLearner,
     ProbeSelector,
     reverse_meta_gradient,
+    real_training_matrix,
 )
 from bench.learner import TextSASRec
 from bench.method import Method
@@ -212,17 +212,11 @@ class Farzi(Method):
         Raises:
             BudgetError: if the budget requests more sequences than there are
                 training sequences with at least two items.
-            ConfigError: if ``budget.seq_len`` is below 2.
             CappedError: when the cell's wall-time or memory cap is exceeded.
         """
         config = self.config
-        real = torch.from_numpy(context.train_matrix())
-        budget.check_against(len(real))
+        real, length = real_training_matrix(context, budget)
         learner_config = context.cache.learner
-        length = min(budget.seq_len, learner_config.max_len + 1)
-        if length < 2:
-            raise ConfigError(f"farzi: sequence length {length} is too short. Use a budget seq_len of at least 2.")
-        real = real[:, -(learner_config.max_len + 1):]
 
         text = context.cache.text_vectors()
         trajectory = context.cache.expert()
