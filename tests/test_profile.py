@@ -112,6 +112,7 @@ def test_summarise_epoch_time_formula():
     assert row["epoch_s"] == pytest.approx(2.0)
     assert row["best_s"] == pytest.approx(9.0)
     assert row["distill_rss_mib"] == pytest.approx(150.0)
+    assert row["distill_s"] == pytest.approx(3.0)
 
 
 def test_summarise_without_step_timing_gives_na():
@@ -172,3 +173,14 @@ def test_profile_isolated_run_is_timed(shared_data, tiny_suite, tmp_path):
     frame = pd.read_csv(tmp_path / "profile" / "profile.csv")
     assert frame.loc[0, "step_s"] > 0
     assert not math.isnan(frame.loc[0, "distill_rss_mib"])
+
+
+def test_profile_times_coreset_selection(shared_data, tiny_suite, tmp_path):
+    args = _args(shared_data, tmp_path, tiny_suite, "--in-process")
+    args.methods = ["kcenter", "head"]
+    assert run(args) == 0
+    frame = pd.read_csv(tmp_path / "profile" / "profile.csv").set_index("method")
+    assert (frame["distill_s"] > 0).all()
+    # Selection has no distillation steps, so the per-step columns stay empty.
+    assert frame["step_s"].isna().all()
+    assert frame["epoch_vs_foster"].isna().all()
