@@ -5,10 +5,8 @@ import math
 import pytest
 import torch
 
-from bench.context import MethodContext, SharedCache
-from bench.data import DatasetConfig, load_dataset
+from bench.context import MethodContext
 from bench.errors import CappedError
-from bench.expert import ExpertConfig
 from bench.functional import (
     AdamSettings,
     FunctionalLearner,
@@ -22,7 +20,6 @@ from bench.method import Budget
 from bench.profiling import CostMeter
 from bench.registry import build_method
 from bench.synthetic import SyntheticSet
-from bench.text import EncoderConfig
 from methods.farzi import Farzi, expand_latent
 
 N_ITEMS, LENGTH, N_SYNTHETIC, LATENT = 40, 6, 4, 3
@@ -200,18 +197,6 @@ def test_expander_is_latent_times_decoder():
 
 
 # The method on a real data slice -----------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def steam_cache(shared_data, tmp_path_factory):
-    data = load_dataset("steam", data_dir=shared_data, config=DatasetConfig(sample_users=300, sample_seed=0))
-    return SharedCache(
-        data,
-        EncoderConfig(max_length=32),
-        LearnerConfig(hidden=16, layers=1, max_len=20),
-        ExpertConfig(epochs=2, batch_size=64),
-        tmp_path_factory.mktemp("cache"),
-    )
 
 
 def _context(cache, meter=None, probe=None, seed=0):

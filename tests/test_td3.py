@@ -3,17 +3,14 @@
 import pytest
 import torch
 
-from bench.context import MethodContext, SharedCache
-from bench.data import DatasetConfig, load_dataset
+from bench.context import MethodContext
 from bench.errors import CappedError, ConfigError
-from bench.expert import ExpertConfig
 from bench.functional import AdamSettings, FunctionalLearner, adam_init, adam_step, run_adam
 from bench.learner import LearnerConfig, TextSASRec
 from bench.method import Budget
 from bench.profiling import CostMeter
 from bench.registry import build_method
 from bench.synthetic import SyntheticSet
-from bench.text import EncoderConfig
 from methods.td3 import TD3, expand_tucker, last_and_cut_loss
 
 N_ITEMS = 30
@@ -151,18 +148,6 @@ def test_config_rejects_inverted_expert_range():
 
 
 # The method on a real data slice ------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def steam_cache(shared_data, tmp_path_factory):
-    data = load_dataset("steam", data_dir=shared_data, config=DatasetConfig(sample_users=300, sample_seed=0))
-    return SharedCache(
-        data,
-        EncoderConfig(max_length=32),
-        LearnerConfig(hidden=16, layers=1, max_len=20),
-        ExpertConfig(epochs=2, batch_size=64),
-        tmp_path_factory.mktemp("cache"),
-    )
 
 
 def _context(cache, meter=None, probe=None, seed=0):
