@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-pop", action="store_true", help="skip the most-popular reference row")
     run.add_argument("--wall-cap-s", type=float, help="wall-time cap of one distillation, seconds")
     run.add_argument("--rss-cap-mib", type=float, help="resident-memory cap of one distillation, MiB")
+    run.add_argument("--tuned", type=Path, action="append", default=[], metavar="PATH",
+                     help="summary JSON written by 'tune', or a folder of them (e.g. reports/tune); cells of "
+                          "the same dataset, method and budget run with the study's best config, and the "
+                          "leaderboard shows its trials; repeatable")
     run.add_argument("--out", type=Path, default=Path("reports"),
                      help="output folder for records, caches and leaderboards (default: reports)")
     _add_data_options(run)
@@ -146,7 +150,12 @@ def _cmd_run(args) -> int:
     suite = load_suite(args.suite, overrides)
 
     start = time.perf_counter()
-    records = run_suite(suite, data_dir=args.data_dir, data_home=args.data_home, out_dir=args.out)
+    tuned = None
+    if args.tuned:
+        from bench.tune import load_tuned
+
+        tuned = load_tuned(args.tuned)
+    records = run_suite(suite, data_dir=args.data_dir, data_home=args.data_home, out_dir=args.out, tuned=tuned)
     elapsed = time.perf_counter() - start
     folder = args.out / suite.name
     paths = write_reports(records, folder, title=f"Leaderboard: suite {suite.name}")

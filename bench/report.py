@@ -2,7 +2,8 @@
 
 Rows are (method, budget) aggregated over seeds: mean and standard deviation
 of test metrics, the mean relative to full data and to the random subset of
-the same budget, and costs. Records that differ in protocol, dataset
+the same budget, costs, and the tuning trials spent on the row's config (0
+for a default or suite config). Records that differ in protocol, dataset
 fingerprint or hardware are never ranked in one table: each combination gets
 its own table, and a note explains why there are several.
 """
@@ -36,7 +37,7 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
             "protocol": r["protocol_hash"],
             "hardware": (r.get("environment") or {}).get("hardware", {}).get("cpu"),
             "method": r["method"],
-            "config": stable_hash(r.get("method_config"), length=6),
+            "config": _config_label(r),
             "family": r.get("family"),
             "budget": budget["n_sequences"] if budget else None,
             "seq_len": budget["seq_len"] if budget else None,
@@ -48,12 +49,26 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
             "evaluate_wall_s": (costs.get("evaluate") or {}).get("wall_s"),
             "storage_bytes": synthetic.get("storage_bytes"),
             "users": r.get("users"),
+            # Untuned cells ran the default or suite config: zero tuning trials.
+            "trials": (r.get("tuning") or {}).get("trials_used", 0),
         }
         for split in ("valid", "test"):
             for name, value in (r.get(split) or {}).items():
                 row[f"{split}_{name}"] = value
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _config_label(record: dict) -> str:
+    """Return a short hash of the method config, and of its tuning study when it came from one.
+
+    A tuned config equal to the default still forms its own row, so its
+    tuning trials are never averaged with untuned seeds.
+    """
+    tuning = record.get("tuning")
+    if tuning is None:
+        return stable_hash(record.get("method_config"), length=6)
+    return stable_hash([record.get("method_config"), tuning.get("study")], length=6)
 
 
 def _aggregate(frame: pd.DataFrame, metrics) -> pd.DataFrame:
@@ -68,6 +83,7 @@ def _aggregate(frame: pd.DataFrame, metrics) -> pd.DataFrame:
         family=("family", "first"),
         budget=("budget", "first"),
         seeds=("outcome", "size"),
+        trials=("trials", "max"),
         **{f"{m}_mean": (f"test_{m}", "mean") for m in metrics},
         **{f"{m}_std": (f"test_{m}", lambda s: float(np.std(s, ddof=1)) if len(s) > 1 else 0.0) for m in metrics},
         distill_wall_s=("distill_wall_s", "mean"),
@@ -108,7 +124,7 @@ def _fmt_table(table: pd.DataFrame, metrics) -> list[list]:
     rows = []
     primary = metrics[0]
     for _, r in table.iterrows():
-        row = [r["label"], "all" if pd.isna(r["budget"]) else int(r["budget"]), int(r["seeds"])]
+        row = [r["label"], "all" if pd.isna(r["budget"]) else int(r["budget"]), int(r["seeds"]), int(r["trials"])]
         for m in metrics:
             row.append(f"{r[f'{m}_mean']:.4f} ± {r[f'{m}_std']:.4f}")
         row.append("" if pd.isna(r[f"{primary}_vs_full"]) else f"{100 * r[f'{primary}_vs_full']:.1f}%")
@@ -124,7 +140,7 @@ def _fmt_table(table: pd.DataFrame, metrics) -> list[list]:
 def _headers(metrics) -> list[str]:
     primary = metrics[0]
     return (
-        ["method", "budget", "seeds"]
+        ["method", "budget", "seeds", "tuning trials"]
         + [f"{m} (mean ± std)" for m in metrics]
         + [f"{primary} vs full", f"{primary} vs random", "distill wall s", "distill peak RSS MiB",
            "stored bytes", "failed/capped"]

@@ -17,7 +17,7 @@ import tomllib
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
@@ -35,6 +35,9 @@ from bench.profiling import CostMeter
 from bench.records import environment, read_records, write_json_atomic, RECORD_SCHEMA
 from bench.registry import build_method, get_method
 from bench.text import EncoderConfig
+
+if TYPE_CHECKING:
+    from bench.tune import TunedConfig
 
 logger = logging.getLogger(__name__)
 
@@ -220,14 +223,23 @@ def expand_cells(suite: Suite, dataset: str) -> list[Cell]:
     return cells
 
 
-def cell_key(cell: Cell, suite: Suite, fingerprint: str, method_config: dict | None) -> str:
-    """Hash of everything that can change the cell's result."""
+def cell_key(
+    cell: Cell, suite: Suite, fingerprint: str, method_config: dict | None, tuning: dict | None = None
+) -> str:
+    """Hash of everything that can change the cell's result, plus the tuning study that chose the config.
+
+    ``tuning`` enters the hash only when given, so untuned cells keep the keys
+    they had before tuned configs existed. A tuned config that equals the
+    default still gets its own record, whose row shows the trials spent.
+    """
     method_cls = get_method(cell.method) if cell.method != REFERENCE_POP else None
     method_version = method_cls.version if method_cls else "1"
     # The expert schedule changes only the results of methods that read the expert.
     uses_expert = bool(method_cls and method_cls.needs_expert)
+    extra = {} if tuning is None else {"tuning": {"study": tuning["study"], "trials_used": tuning["trials_used"]}}
     return stable_hash(
         {
+            **extra,
             "method": cell.method,
             "method_version": method_version,
             "method_config": method_config,
@@ -322,13 +334,25 @@ def run_suite(
     data_home: Path | str | None = None,
     out_dir: Path | str = "reports",
     progress: bool = True,
+    tuned: Mapping[tuple, TunedConfig] | None = None,
 ) -> list[dict]:
     """Run every missing cell of ``suite`` and return all its records.
 
+    Args:
+        tuned: tuned configs from :func:`bench.tune.load_tuned`. A cell whose
+            (dataset, method, budget) has one runs with that config instead of
+            the suite's, and its record stores the study and trials used.
+
     Returns:
         The records of this suite (existing and new), read back from disk.
+
+    Raises:
+        ConfigError: when a tuned config was tuned on other data or under
+            another protocol than this suite's.
     """
     out_dir = Path(out_dir)
+    tuned = dict(tuned or {})
+    applied: set[tuple] = set()
     cache_dir = out_dir / "cache"
     env = environment()
     data_config = build_config(DatasetConfig, dict(suite.data), where="suite data")
@@ -336,14 +360,24 @@ def run_suite(
     for dataset in suite.datasets:
         data = load_dataset(dataset, data_dir=data_dir, data_home=data_home, config=data_config)
         cache = SharedCache(data, suite.encoder, suite.protocol.learner, suite.expert, cache_dir)
+        # Reject mismatched tuned configs before any cell of this dataset runs.
+        for entry in tuned.values():
+            if entry.dataset == dataset:
+                entry.check_matches(suite.protocol.hash(), data.fingerprint)
         for cell in expand_cells(suite, dataset):
             method_config = None
+            tuning = None
             if cell.method != REFERENCE_POP:
                 method_cls = get_method(cell.method)
-                config = build_config(method_cls.Config, suite.method_configs.get(cell.method, {}),
-                                      where=f"method {cell.method!r}")
+                values = suite.method_configs.get(cell.method, {})
+                budget_key = (cell.budget.n_sequences, cell.budget.seq_len) if cell.budget else None
+                entry = tuned.get((dataset, cell.method, budget_key))
+                if entry is not None:
+                    values, tuning = entry.config, entry.record()
+                    applied.add(entry.key())
+                config = build_config(method_cls.Config, values, where=f"method {cell.method!r}")
                 method_config = config_dict(config)
-            key = cell_key(cell, suite, data.fingerprint, method_config)
+            key = cell_key(cell, suite, data.fingerprint, method_config, tuning)
             path = record_path(out_dir, suite, cell, key)
             if path.exists():
                 previous = read_records_file(path)
@@ -365,6 +399,7 @@ def run_suite(
                 "budget": dataclasses.asdict(cell.budget) if cell.budget else None,
                 "seed": cell.seed,
                 "method_config": method_config,
+                "tuning": tuning,
                 "protocol": config_dict(suite.protocol),
                 "protocol_hash": suite.protocol.hash(),
                 "encoder": config_dict(suite.encoder),
@@ -384,6 +419,9 @@ def run_suite(
             else:
                 counts["failed"] += 1
                 logger.error("%s: %s: %s", cell.label(), record["outcome"], record["error"])
+    for key in sorted(set(tuned) - applied, key=str):
+        logger.warning("tuned config %s matches no cell of suite %s (dataset, method, budget %s)",
+                       tuned[key].path, suite.name, key)
     logger.info("suite %s: %d cells run, %d skipped, %d not ok", suite.name, counts["ran"], counts["skipped"], counts["failed"])
     return read_records(out_dir / "runs" / suite.name)
 

@@ -276,3 +276,143 @@ def tune(
     }
     write_json_atomic(Path(out_dir) / "tune" / f"{settings.study_name}.json", summary)
     return summary
+
+
+# Tuned configs in leaderboard runs -----------------------------------------
+
+_SUMMARY_FIELDS = ("study", "dataset", "dataset_fingerprint", "method", "budget", "protocol_hash", "trials_used",
+                   "best_value", "best_config")
+
+
+@dataclass(frozen=True)
+class TunedConfig:
+    """The best config of one finished study, read from its ``tune`` summary file.
+
+    Attributes:
+        dataset: dataset the study tuned on.
+        method: registered method name.
+        budget: ``(n_sequences, seq_len)``, or None for a method without a budget.
+        config: the best trial's resolved method config.
+        trials_used: finished trials (COMPLETE + PRUNED) of the study.
+        best_value: the study's best validation NDCG@10.
+        study: study name.
+        protocol_hash: hash of the protocol the trials were scored under.
+        dataset_fingerprint: fingerprint of the processed dataset of the study.
+        path: the summary file.
+    """
+
+    dataset: str
+    method: str
+    budget: tuple[int, int] | None
+    config: dict[str, Any]
+    trials_used: int
+    best_value: float
+    study: str
+    protocol_hash: str
+    dataset_fingerprint: str
+    path: str
+
+    def key(self) -> tuple[str, str, tuple[int, int] | None]:
+        """Return the (dataset, method, budget) this config applies to."""
+        return (self.dataset, self.method, self.budget)
+
+    def check_matches(self, protocol_hash: str, dataset_fingerprint: str) -> None:
+        """Raise ConfigError unless the study used this protocol and this processed dataset.
+
+        A config tuned under another protocol or on other data would make the
+        comparison unfair, so it is rejected rather than applied.
+        """
+        if dataset_fingerprint != self.dataset_fingerprint:
+            raise ConfigError(
+                f"tuned config {self.path}: study {self.study!r} ran on {self.dataset} with fingerprint "
+                f"{self.dataset_fingerprint[:12]}, but this run's data has fingerprint {dataset_fingerprint[:12]}. "
+                "Tune again on the same data and processing settings, or drop this --tuned file."
+            )
+        if protocol_hash != self.protocol_hash:
+            raise ConfigError(
+                f"tuned config {self.path}: study {self.study!r} scored trials under protocol {self.protocol_hash}, "
+                f"but this suite's protocol is {protocol_hash}. Tune again with this suite's protocol, learner "
+                "and seq_len, or drop this --tuned file."
+            )
+
+    def record(self) -> dict[str, Any]:
+        """Return the tuning provenance stored in a run record."""
+        return {"study": self.study, "trials_used": self.trials_used, "best_valid": self.best_value,
+                "summary": self.path}
+
+
+def _read_summary(path: Path) -> TunedConfig:
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"tuned config {path}: could not be read ({exc})") from exc
+    except ValueError as exc:
+        raise ConfigError(f"tuned config {path}: invalid JSON ({exc}). Pass a summary written by "
+                          "'python -m bench tune'") from exc
+    if not isinstance(summary, dict):
+        raise ConfigError(f"tuned config {path}: expected a JSON object written by 'python -m bench tune'")
+    missing = [name for name in _SUMMARY_FIELDS if name not in summary]
+    if missing:
+        raise ConfigError(f"tuned config {path}: missing fields {missing}. Pass a summary written by "
+                          "'python -m bench tune'")
+    if summary["best_config"] is None:
+        raise ConfigError(
+            f"tuned config {path}: study {summary['study']!r} has no completed trial, so there is no best config. "
+            "Run more trials, or drop this file."
+        )
+    method_cls = get_method(summary["method"])
+    # Resolving the config here rejects fields the method no longer has before any cell runs.
+    build_config(method_cls.Config, dict(summary["best_config"]), where=f"tuned config {path}")
+    budget = summary["budget"]
+    return TunedConfig(
+        dataset=summary["dataset"],
+        method=summary["method"],
+        budget=None if budget is None else (int(budget["n_sequences"]), int(budget["seq_len"])),
+        config=dict(summary["best_config"]),
+        trials_used=int(summary["trials_used"]),
+        best_value=float(summary["best_value"]),
+        study=str(summary["study"]),
+        protocol_hash=str(summary["protocol_hash"]),
+        dataset_fingerprint=str(summary["dataset_fingerprint"]),
+        path=str(path),
+    )
+
+
+def load_tuned(paths: list[Path | str]) -> dict[tuple, TunedConfig]:
+    """Read ``tune`` summary files into tuned configs keyed by (dataset, method, budget).
+
+    Args:
+        paths: summary JSON files, or folders whose ``*.json`` files are all
+            summaries (such as ``OUT/tune``).
+
+    Returns:
+        ``{(dataset, method, (n_sequences, seq_len) or None): TunedConfig}``.
+
+    Raises:
+        ConfigError: on a missing path, an empty folder, a file that is not a
+            summary, a study without a completed trial, or two summaries for
+            the same (dataset, method, budget).
+    """
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(path.glob("*.json"))
+            if not found:
+                raise ConfigError(f"--tuned {path}: the folder contains no .json summary files")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ConfigError(f"--tuned {path}: no such file or folder. Pass a summary written by "
+                              "'python -m bench tune' (under OUT/tune/)")
+    tuned: dict[tuple, TunedConfig] = {}
+    for path in files:
+        entry = _read_summary(path)
+        if entry.key() in tuned:
+            raise ConfigError(
+                f"tuned configs {tuned[entry.key()].path} and {path} both tune {entry.method} on {entry.dataset} "
+                f"at budget {entry.budget}. Pass only one of them."
+            )
+        tuned[entry.key()] = entry
+    return tuned
