@@ -160,8 +160,13 @@ def _cmd_run(args) -> int:
     folder = args.out / suite.name
     paths = write_reports(records, folder, title=f"Leaderboard: suite {suite.name}")
     print(render_markdown(records))
-    print(f"Wrote {paths['markdown']} and {paths['csv']}.")
+    print(f"Wrote {', '.join(str(path) for path in paths.values())}.")
     print(f"Suite {suite.name} finished in {elapsed:.1f} s.")
+    not_ok = [r for r in records if r.get("outcome") != "ok"]
+    if not_ok:
+        print(f"{len(not_ok)} of {len(records)} cells failed or were capped. The failed/capped column counts "
+              f"them, and the error field of each record under {args.out / 'runs' / suite.name} says why.")
+        return 1
     return 0
 
 
@@ -210,11 +215,16 @@ def _cmd_profile(args) -> int:
 
 def _cmd_list(args) -> int:
     from bench.data import list_datasets
+    from bench.data.recipes import resolve_data_dir
     from bench.registry import method_names
 
     for name in method_names():
         print(name)
     print()
+    data_dir = resolve_data_dir(args.data_dir)
+    if not data_dir.is_dir():
+        logger.warning("data folder %s does not exist, so only the built-in recipes are listed; their files "
+                       "are fetched or looked up when a run loads them", data_dir)
     for name in list_datasets(args.data_dir):
         print(name)
     return 0
@@ -229,7 +239,7 @@ def _cmd_report(args) -> int:
         raise BenchError(f"no records under {args.out / 'runs' / args.suite}; run the suite first")
     paths = write_reports(records, args.out / args.suite, title=f"Leaderboard: suite {args.suite}")
     print(render_markdown(records))
-    print(f"Wrote {paths['markdown']}.")
+    print(f"Wrote {', '.join(str(path) for path in paths.values())}.")
     return 0
 
 

@@ -96,10 +96,8 @@ def build_config(cls: type[C], values: Mapping[str, Any], *, where: str = "confi
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
-            raise ConfigError(
-                f"{where}: unknown key {key!r}.{suggest(key, fields)} "
-                f"Valid keys: {', '.join(sorted(fields))}."
-            )
+            valid = f"Valid keys: {', '.join(sorted(fields))}." if fields else "It takes no config keys."
+            raise ConfigError(f"{where}: unknown key {key!r}.{suggest(key, fields)} {valid}")
         kwargs[key] = _coerce(value, hints[key], key, where)
     return cls(**kwargs)
 

@@ -43,7 +43,7 @@ def plot_accuracy_vs_cost(table: pd.DataFrame, path: Path, metric: str = "recall
     cost = np.maximum(rows["distill_wall_s"].to_numpy(dtype=float), 1e-3)
     accuracy = rows[f"{metric}_mean"].to_numpy(dtype=float)
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    ax.errorbar(cost, accuracy, yerr=rows[f"{metric}_std"].to_numpy(dtype=float), fmt="o", capsize=3)
+    ax.errorbar(cost, accuracy, yerr=rows[f"{metric}_std"].fillna(0.0).to_numpy(dtype=float), fmt="o", capsize=3)
     for i, row in rows.iterrows():
         ax.annotate(_label(row), (cost[i], accuracy[i]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     front = pareto_front(cost, accuracy)
@@ -70,10 +70,10 @@ def plot_accuracy_vs_budget(table: pd.DataFrame, path: Path, metric: str = "reca
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for method, rows in budgeted.groupby("label" if "label" in budgeted else "method"):
         rows = rows.sort_values("budget")
-        ax.errorbar(rows["budget"], rows[f"{metric}_mean"], yerr=rows[f"{metric}_std"], marker="o", capsize=3,
+        ax.errorbar(rows["budget"], rows[f"{metric}_mean"], yerr=rows[f"{metric}_std"].fillna(0.0), marker="o", capsize=3,
                     label=method)
     for method, style in (("full", "-"), ("pop", ":")):
-        ref = table[(table["method"] == method) & table["budget"].isna()]
+        ref = table[(table["method"] == method) & table["budget"].isna()].dropna(subset=[f"{metric}_mean"])
         if len(ref):
             ax.axhline(float(ref[f"{metric}_mean"].iloc[0]), linestyle=style, color="black", label=f"{method} (all data)")
     ax.set_xlabel("budget (sequences)")

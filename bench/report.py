@@ -71,27 +71,41 @@ def _config_label(record: dict) -> str:
     return stable_hash([record.get("method_config"), tuning.get("study")], length=6)
 
 
+def _sample_std(values: pd.Series) -> float:
+    """Return the sample standard deviation, or NaN with fewer than two values (the spread is unknown)."""
+    values = values.dropna()
+    return float(np.std(values, ddof=1)) if len(values) > 1 else np.nan
+
+
 def _aggregate(frame: pd.DataFrame, metrics) -> pd.DataFrame:
-    ok = frame[frame["outcome"] == "ok"].copy()
-    ok["budget_key"] = ok["budget"].fillna(-1)
+    frame = frame.copy()
+    frame["budget_key"] = frame["budget"].fillna(-1)
+    frame["ok"] = frame["outcome"] == "ok"
+    # Metrics and costs of failed or capped cells are never averaged into a row.
+    for column in [f"test_{m}" for m in metrics] + ["distill_wall_s", "distill_peak_rss_mib", "storage_bytes"]:
+        if column not in frame:
+            frame[column] = np.nan
+        frame.loc[~frame["ok"], column] = np.nan
     # Records of one method with different configs are variants, never seeds of one row.
-    variants = ok.groupby("method")["config"].nunique()
-    ok["label"] = [m if variants[m] == 1 else f"{m} [{c}]" for m, c in zip(ok["method"], ok["config"])]
-    grouped = ok.groupby(["label", "budget_key"], dropna=False)
+    variants = frame.groupby("method")["config"].nunique()
+    frame["label"] = [m if variants[m] == 1 else f"{m} [{c}]" for m, c in zip(frame["method"], frame["config"])]
+    # Every (label, budget) gets a row, so a cell that only failed still shows up with its count.
+    grouped = frame.groupby(["label", "budget_key"], dropna=False)
     table = grouped.agg(
         method=("method", "first"),
         family=("family", "first"),
         budget=("budget", "first"),
-        seeds=("outcome", "size"),
+        seeds=("ok", "sum"),
+        not_ok=("ok", lambda s: int((~s).sum())),
         trials=("trials", "max"),
         **{f"{m}_mean": (f"test_{m}", "mean") for m in metrics},
-        **{f"{m}_std": (f"test_{m}", lambda s: float(np.std(s, ddof=1)) if len(s) > 1 else 0.0) for m in metrics},
+        **{f"{m}_std": (f"test_{m}", _sample_std) for m in metrics},
         distill_wall_s=("distill_wall_s", "mean"),
         distill_peak_rss_mib=("distill_peak_rss_mib", "max"),
         storage_bytes=("storage_bytes", "mean"),
     ).reset_index()
-    failed = frame[frame["outcome"] != "ok"].groupby(["method"])["outcome"].count()
-    table["not_ok"] = table["method"].map(failed).fillna(0).astype(int)
+    table["seeds"] = table["seeds"].astype(int)
+    table["not_ok"] = table["not_ok"].astype(int)
 
     primary = metrics[0]
     # With several configs of a reference method, the variant with the most seeds is the reference.
@@ -126,7 +140,7 @@ def _fmt_table(table: pd.DataFrame, metrics) -> list[list]:
     for _, r in table.iterrows():
         row = [r["label"], "all" if pd.isna(r["budget"]) else int(r["budget"]), int(r["seeds"]), int(r["trials"])]
         for m in metrics:
-            row.append(f"{r[f'{m}_mean']:.4f} ± {r[f'{m}_std']:.4f}")
+            row.append(_mean_std(r[f"{m}_mean"], r[f"{m}_std"]))
         row.append("" if pd.isna(r[f"{primary}_vs_full"]) else f"{100 * r[f'{primary}_vs_full']:.1f}%")
         row.append("" if pd.isna(r[f"{primary}_vs_random"]) else f"{r[f'{primary}_vs_random']:.2f}x")
         row.append("" if pd.isna(r["distill_wall_s"]) else f"{r['distill_wall_s']:.1f}")
@@ -135,6 +149,15 @@ def _fmt_table(table: pd.DataFrame, metrics) -> list[list]:
         row.append(int(r["not_ok"]))
         rows.append(row)
     return rows
+
+
+def _mean_std(mean: float, std: float) -> str:
+    """Format ``mean ± std``: the mean alone for one seed, and empty when no seed finished."""
+    if pd.isna(mean):
+        return ""
+    if pd.isna(std):
+        return f"{mean:.4f}"
+    return f"{mean:.4f} ± {std:.4f}"
 
 
 def _headers(metrics) -> list[str]:
@@ -161,9 +184,11 @@ def render_markdown(records: list[dict], metrics=DEFAULT_METRICS, title: str | N
         parts.append(heading + "\n")
         parts.append(
             f"Dataset fingerprint `{info['fingerprint']}`, protocol `{info['protocol']}`, "
-            f"hardware: {info['hardware']}. Test metrics, mean ± sample std over seeds.\n"
+            f"hardware: {info['hardware']}. Test metrics, mean ± sample std over seeds (the mean alone for one "
+            "seed); a row without metrics has only failed or capped cells.\n"
         )
-        parts.append(tabulate(_fmt_table(table, metrics), headers=_headers(metrics), tablefmt="pipe"))
+        parts.append(tabulate(_fmt_table(table, metrics), headers=_headers(metrics), tablefmt="pipe",
+                              disable_numparse=True))
         parts.append("")
     return "\n".join(parts) + "\n"
 
@@ -182,7 +207,8 @@ def write_reports(records: list[dict], folder: Path, metrics=DEFAULT_METRICS, ti
     for info, table in boards:
         tables.append(table.assign(**info))
         latex.append(f"% {info['dataset']} protocol {info['protocol']}")
-        latex.append(tabulate(_fmt_table(table, metrics), headers=_headers(metrics), tablefmt="latex_booktabs"))
+        latex.append(tabulate(_fmt_table(table, metrics), headers=_headers(metrics), tablefmt="latex_booktabs",
+                              disable_numparse=True))
     if tables:
         pd.concat(tables).to_csv(paths["csv"], index=False)
         records_frame(records).to_csv(paths["cells"], index=False)

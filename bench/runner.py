@@ -88,8 +88,19 @@ class Suite:
             raise ConfigError("suite: methods is empty; name at least one method")
         if not self.seeds:
             raise ConfigError("suite: seeds is empty; give at least one seed")
+        for key in ("datasets", "methods", "budgets", "seeds"):
+            values = list(getattr(self, key))
+            repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
+            if repeated:
+                raise ConfigError(f"suite: {key} repeats {repeated}; give each value once")
         for budget in self.budgets:
             check_range("suite", "budgets", budget, low=1)
+        for key, cap in (("wall_s", self.wall_cap_s), ("rss_mib", self.rss_cap_mib)):
+            if cap is None:
+                continue
+            if isinstance(cap, bool) or not isinstance(cap, (int, float)):
+                raise ConfigError(f"suite caps: invalid {key}={cap!r}; it must be a number (seconds or MiB)")
+            check_range("suite caps", key, cap, low=0, low_open=True)
         check_range("suite", "seq_len", self.seq_len, low=2)
         for name in self.methods:
             get_method(name)
@@ -126,7 +137,16 @@ def suite_from_mapping(mapping: Mapping[str, Any], overrides: Mapping[str, Any] 
 
     for key in merged:
         if key not in _TOP_KEYS | _SECTIONS:
-            raise ConfigError(f"suite: unknown key {key!r}.{suggest(key, _TOP_KEYS | _SECTIONS)}")
+            raise ConfigError(
+                f"suite: unknown key {key!r}.{suggest(key, _TOP_KEYS | _SECTIONS)} "
+                f"Valid keys: {', '.join(sorted(_TOP_KEYS))}, and tables {', '.join(sorted(_SECTIONS))}."
+            )
+    for key in _SECTIONS & set(merged):
+        if not isinstance(merged[key], Mapping):
+            raise ConfigError(
+                f"suite: {key!r} is a table, got {merged[key]!r}; set its keys as {key}.KEY=VALUE "
+                f"(or a [{key}] table in the suite file)"
+            )
 
     learner = build_config(LearnerConfig, merged.get("learner", {}), where="suite learner")
     protocol_values = dict(merged.get("protocol", {}))

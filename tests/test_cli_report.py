@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from bench.cli import main
@@ -118,3 +119,32 @@ def test_config_variants_are_separate_rows():
     random_rows = table[table["method"] == "random"]
     assert len(random_rows) == 2
     assert set(random_rows["seeds"]) == {2}
+
+
+def test_failed_only_budget_keeps_its_row():
+    failed = dict(_record("random", 50, 0, 0.0), outcome="failed", test=None)
+    (_, table), = leaderboards(RECORDS + [failed])
+    row = table[(table["method"] == "random") & (table["budget"] == 50)].iloc[0]
+    assert row["seeds"] == 0
+    assert row["not_ok"] == 1
+    assert pd.isna(row["recall@10_mean"])
+    other = table[(table["method"] == "random") & (table["budget"] == 20)].iloc[0]
+    assert other["not_ok"] == 0
+
+
+def test_one_seed_shows_mean_without_spread():
+    (_, table), = leaderboards([_record("random", 20, 0, 0.04)])
+    assert pd.isna(table.iloc[0]["recall@10_std"])
+    text = render_markdown([_record("random", 20, 0, 0.04)])
+    assert "0.0400 ±" not in text
+    assert "| 0.0400 " in text
+
+
+def test_run_exits_one_when_a_cell_fails(shared_data, tmp_path, capsys):
+    code = main([
+        "--threads", "1", "run", "--datasets", "steam", "--methods", "random", "--budgets", "100000",
+        "--seeds", "0", "--no-pop", "--set", "data.sample_users=50", "--data-dir", str(shared_data),
+        "--out", str(tmp_path), "--name", "too-large",
+    ])
+    assert code == 1
+    assert "1 of 1 cells failed or were capped" in capsys.readouterr().out

@@ -117,3 +117,30 @@ def test_builtin_quickstart_loads():
 def test_unknown_suite_name_lists_builtin():
     with pytest.raises(ConfigError, match="quickstart"):
         load_suite("quickstrat")
+
+
+@pytest.mark.parametrize("section", ["protocol", "caps", "data", "learner"])
+def test_section_given_a_plain_value_rejected(section):
+    with pytest.raises(ConfigError, match=f"'{section}' is a table"):
+        suite_from_mapping({**TINY, section: 5})
+
+
+@pytest.mark.parametrize("cap", [-1, 0, "abc"])
+def test_invalid_wall_cap_rejected(cap):
+    with pytest.raises(ConfigError, match="wall_s"):
+        suite_from_mapping(TINY, {"caps.wall_s": cap})
+
+
+def test_repeated_seeds_rejected():
+    with pytest.raises(ConfigError, match=r"seeds repeats \[0\]"):
+        suite_from_mapping({**TINY, "seeds": [0, 0]})
+
+
+def test_unknown_top_key_lists_valid_keys():
+    with pytest.raises(ConfigError, match="Valid keys: budgets"):
+        suite_from_mapping({**TINY, "foo": 1})
+
+
+def test_method_without_config_says_so():
+    with pytest.raises(ConfigError, match="takes no config keys"):
+        suite_from_mapping({**TINY, "method": {"random": {"nosuch": 1}}})
