@@ -1,4 +1,4 @@
-"""Command-line interface: ``python -m bench run | list | report``.
+"""Command-line interface: ``python -m bench run | list | prepare | tune | report | profile``.
 
 ``run`` with no options runs the built-in quickstart suite (MovieLens-100K,
 ``full`` and ``random`` at 20 and 50 sequences, 3 seeds, plus the popularity
@@ -53,7 +53,9 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench", description=(
+        "Benchmark harness for dataset distillation in text-based sequential recommendation: run suites, "
+        "prepare shared inputs, tune methods with Optuna, rebuild leaderboards and profile costs."))
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice); use 1 per process when several "
