@@ -19,7 +19,14 @@ Environment variables:
 Figures: the benchmark table gives the step wall time. ``extra_info`` and one
 INFO log line per case give the peak RSS in MiB during the measured steps
 (``bench.profiling``), its growth over the RSS before them, and the items per
-step. The learners start from a stand-in expert trajectory with one untrained
+step.
+
+NOTE: all cases share one process, so a case's peak can be hidden by memory
+the allocator kept from an earlier case (the growth then reads near 0). For
+a clean memory figure run one case per process, e.g. ``-k
+"foster-no-subset and tune-top-k"``.
+
+The learners start from a stand-in expert trajectory with one untrained
 checkpoint, because a step's cost does not depend on the checkpoint's values
 and training the games expert takes far longer than this benchmark. The
 tune-top-k cases first compute or load the lower-layer token states of every
