@@ -160,6 +160,14 @@ def _mean_std(mean: float, std: float) -> str:
     return f"{mean:.4f} ± {std:.4f}"
 
 
+def _alignment(metrics) -> list[str]:
+    """Return column alignments: the method name left, every figure right.
+
+    The cells are preformatted strings, so tabulate cannot infer that they are numbers.
+    """
+    return ["left"] + ["right"] * (len(_headers(metrics)) - 1)
+
+
 def _headers(metrics) -> list[str]:
     primary = metrics[0]
     return (
@@ -188,7 +196,7 @@ def render_markdown(records: list[dict], metrics=DEFAULT_METRICS, title: str | N
             "seed); a row without metrics has only failed or capped cells.\n"
         )
         parts.append(tabulate(_fmt_table(table, metrics), headers=_headers(metrics), tablefmt="pipe",
-                              disable_numparse=True))
+                              disable_numparse=True, colalign=_alignment(metrics)))
         parts.append("")
     return "\n".join(parts) + "\n"
 
@@ -208,7 +216,7 @@ def write_reports(records: list[dict], folder: Path, metrics=DEFAULT_METRICS, ti
         tables.append(table.assign(**info))
         latex.append(f"% {info['dataset']} protocol {info['protocol']}")
         latex.append(tabulate(_fmt_table(table, metrics), headers=_headers(metrics), tablefmt="latex_booktabs",
-                              disable_numparse=True))
+                              disable_numparse=True, colalign=_alignment(metrics)))
     if tables:
         pd.concat(tables).to_csv(paths["csv"], index=False)
         records_frame(records).to_csv(paths["cells"], index=False)
