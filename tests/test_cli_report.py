@@ -137,7 +137,7 @@ def test_one_seed_shows_mean_without_spread():
     assert pd.isna(table.iloc[0]["recall@10_std"])
     text = render_markdown([_record("random", 20, 0, 0.04)])
     assert "0.0400 ±" not in text
-    assert "| 0.0400 " in text
+    assert " 0.0400 |" in text
 
 
 def test_run_exits_one_when_a_cell_fails(shared_data, tmp_path, capsys):
