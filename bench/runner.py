@@ -100,7 +100,8 @@ class Suite:
                 continue
             if isinstance(cap, bool) or not isinstance(cap, (int, float)):
                 raise ConfigError(f"suite caps: invalid {key}={cap!r}; it must be a number (seconds or MiB)")
-            check_range("suite caps", key, cap, low=0, low_open=True)
+            # A cap of 0 is valid: the run is capped at its first check.
+            check_range("suite caps", key, cap, low=0)
         check_range("suite", "seq_len", self.seq_len, low=2)
         for name in self.methods:
             get_method(name)

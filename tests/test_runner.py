@@ -125,7 +125,7 @@ def test_section_given_a_plain_value_rejected(section):
         suite_from_mapping({**TINY, section: 5})
 
 
-@pytest.mark.parametrize("cap", [-1, 0, "abc"])
+@pytest.mark.parametrize("cap", [-1, -0.5, "abc"])
 def test_invalid_wall_cap_rejected(cap):
     with pytest.raises(ConfigError, match="wall_s"):
         suite_from_mapping(TINY, {"caps.wall_s": cap})
