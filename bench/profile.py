@@ -375,7 +375,10 @@ def run(args: argparse.Namespace) -> int:
 
         for name in args.methods:
             spec = dataclasses.replace(spec_base, method=name)
-            logger.info("profile %s/%s: %d steps", dataset, name, args.steps)
+            if "steps" in {field.name for field in dataclasses.fields(get_method(name).Config)}:
+                logger.info("profile %s/%s: %d steps", dataset, name, args.steps)
+            else:
+                logger.info("profile %s/%s: one distill call (the method has no steps)", dataset, name)
             raw = profile_cell(spec) if args.in_process else _run_isolated(spec)
             row = summarise(spec, raw)
             logger.info("profile %s/%s: %s, %s s/step, peak RSS %s MiB", dataset, name, row["outcome"],
