@@ -153,6 +153,13 @@ def _shared_cache(spec: ProfileSpec):
     return suite, cache
 
 
+def has_steps(name: str) -> bool:
+    """Return whether method ``name`` has a ``steps`` config field that sets its schedule's length."""
+    from bench.registry import get_method
+
+    return "steps" in {field.name for field in dataclasses.fields(get_method(name).Config)}
+
+
 def method_overrides(name: str, suite, steps: int) -> dict[str, Any]:
     """Return the suite's config overrides for ``name`` with ``steps`` set, if the method has that field.
 
@@ -164,11 +171,8 @@ def method_overrides(name: str, suite, steps: int) -> dict[str, Any]:
     Returns:
         The overrides for :func:`bench.registry.build_method`.
     """
-    from bench.registry import get_method
-
     overrides = dict(suite.method_configs.get(name, {}))
-    fields = {field.name for field in dataclasses.fields(get_method(name).Config)}
-    if "steps" in fields:
+    if has_steps(name):
         overrides["steps"] = steps
     else:
         logger.info("method %s has no 'steps' field; its whole distill call is timed", name)
@@ -375,7 +379,7 @@ def run(args: argparse.Namespace) -> int:
 
         for name in args.methods:
             spec = dataclasses.replace(spec_base, method=name)
-            if "steps" in {field.name for field in dataclasses.fields(get_method(name).Config)}:
+            if has_steps(name):
                 logger.info("profile %s/%s: %d steps", dataset, name, args.steps)
             else:
                 logger.info("profile %s/%s: one distill call (the method has no steps)", dataset, name)
