@@ -13,14 +13,16 @@ fair and the studies resumable:
 * a per-trial wall-time cap is enforced inside the trial: a capped trial is
   PRUNED with the reason kept in its user attributes;
 * the objective is validation NDCG@10 only; the test split is never read;
-* SQLite storage gets a long busy timeout so several worker processes can
-  share one file; heartbeats mark trials of killed workers FAIL after a grace
-  period, and every start sweeps such stale trials first.
+* SQLite storage gets a long busy timeout and a file lock on trial claims so
+  several worker processes can share one file; heartbeats mark trials of
+  killed workers FAIL after a grace period, and every start sweeps such stale
+  trials first.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import logging
 import time
@@ -94,23 +96,52 @@ def _fail_stale(study: optuna.Study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
+class SQLiteFileStorage(optuna.storages.RDBStorage):
+    """RDB storage on one SQLite file, with the claim of a queued trial made atomic.
+
+    Optuna claims a WAITING trial (an enqueued config) by reading its state and
+    writing RUNNING in one transaction, relying on ``SELECT ... FOR UPDATE``.
+    SQLite ignores that clause and its reads take no lock. Two processes can
+    therefore both read WAITING and both run the same trial, and the slower one
+    fails with "Cannot tell a COMPLETE trial". An exclusive ``flock`` on a file
+    beside the database makes the read and the write one step for every process
+    that opens the file through this class, which all harness workers do.
+    Server databases honour ``FOR UPDATE`` and need no such lock.
+    """
+
+    def __init__(self, url: str, lock_path: Path, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self.lock_path = lock_path
+
+    def set_trial_state_values(self, trial_id: int, state: optuna.trial.TrialState, values=None) -> bool:
+        if state != optuna.trial.TrialState.RUNNING:
+            return super().set_trial_state_values(trial_id, state, values)
+        with open(self.lock_path, "a", encoding="utf-8") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                return super().set_trial_state_values(trial_id, state, values)
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def make_storage(settings: StudySettings) -> optuna.storages.BaseStorage:
-    """Open an RDB storage with heartbeats; SQLite gets a long busy timeout."""
+    """Open an RDB storage with heartbeats, adding a busy timeout and a claim lock for a SQLite file."""
     engine_kwargs: dict[str, Any] = {}
+    lock_path: Path | None = None
     if settings.storage.startswith("sqlite:"):
         path = settings.storage.split("sqlite:///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+            lock_path = Path(path + ".claim-lock")
         engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
     for attempt in range(5):
         try:
             with _heartbeat_api():
-                return optuna.storages.RDBStorage(
-                    settings.storage,
-                    engine_kwargs=engine_kwargs,
-                    heartbeat_interval=settings.heartbeat_s,
-                    grace_period=settings.grace_s,
-                )
+                storage_kwargs = dict(engine_kwargs=engine_kwargs, heartbeat_interval=settings.heartbeat_s,
+                              grace_period=settings.grace_s)
+                if lock_path is not None:
+                    return SQLiteFileStorage(settings.storage, lock_path, **storage_kwargs)
+                return optuna.storages.RDBStorage(settings.storage, **storage_kwargs)
         except Exception as exc:  # sqlalchemy raises OperationalError while another worker creates tables
             if "locked" not in str(exc) or attempt == 4:
                 raise
