@@ -18,7 +18,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -287,14 +287,47 @@ def train_on_set(
     source = _BatchSource(synthetic, protocol.learner.max_len, protocol.batch_size, generator)
     optimizer = torch.optim.Adam(model.parameters(), lr=protocol.lr, weight_decay=protocol.weight_decay)
 
+    def step_loss(step: int) -> tuple[torch.Tensor, dict]:
+        batch = source.next()
+        return (model.hard_loss(batch) if source.kind == "hard" else model.soft_loss(batch)), {}
+
+    return fit_with_validation(model, optimizer, step_loss, data, protocol, seed, valid_users,
+                               desc=f"train seed {seed}", progress=progress)
+
+
+def fit_with_validation(
+    model: TextSASRec,
+    optimizer: torch.optim.Optimizer,
+    step_loss: Callable[[int], tuple[torch.Tensor, dict]],
+    data: SplitData,
+    protocol: Protocol,
+    seed: int,
+    valid_users: np.ndarray | None,
+    *,
+    desc: str,
+    progress: bool,
+) -> TrainResult:
+    """Train ``model`` for up to ``protocol.max_steps`` steps and restore its best validation state.
+
+    Validation is scored every ``protocol.eval_every`` steps and at the last
+    step. Training stops after ``protocol.patience`` scores without a new best.
+
+    Args:
+        step_loss: maps the 1-based step to its training loss and extra fields
+            that the history records at scored steps.
+        valid_users: indices of evaluated users scored (None: all of them).
+        desc: label of the progress bar.
+
+    Raises:
+        FloatingPointError: if a training loss is NaN or infinite.
+    """
     start = time.perf_counter()
     best_state, best_step, best_valid, best_score = None, 0, {}, -1.0
     history, stale = [], 0
-    bar = progress_bar(total=protocol.max_steps, desc=f"train seed {seed}", enabled=progress)
+    bar = progress_bar(total=protocol.max_steps, desc=desc, enabled=progress)
     model.train()
     for step in range(1, protocol.max_steps + 1):
-        batch = source.next()
-        loss = model.hard_loss(batch) if source.kind == "hard" else model.soft_loss(batch)
+        loss, extra = step_loss(step)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss is {loss.item()} at step {step} (seed {seed})")
         optimizer.zero_grad(set_to_none=True)
@@ -305,7 +338,8 @@ def train_on_set(
             continue
         ranks = rank_split(model, data, "valid", protocol.eval_batch_size, users=valid_users)
         valid = metrics_from_ranks(ranks, protocol.ks)
-        history.append({"step": step, "loss": loss.item(), protocol.select_metric: valid[protocol.select_metric]})
+        history.append({"step": step, "loss": loss.item(), protocol.select_metric: valid[protocol.select_metric],
+                        **extra})
         bar.set_postfix(loss=f"{loss.item():.3f}", valid=f"{valid[protocol.select_metric]:.4f}")
         if valid[protocol.select_metric] > best_score:
             best_state = copy.deepcopy(model.state_dict())

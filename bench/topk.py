@@ -18,7 +18,6 @@ This module owns the item side of the two encoder modes:
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import time
@@ -33,8 +32,6 @@ from torch.utils.checkpoint import checkpoint
 from bench.config import config_dict
 from bench.errors import ConfigError
 from bench.learner import LearnerConfig, TextSASRec
-from bench.metrics import metrics_from_ranks
-from bench.progress import progress_bar
 from bench.text import EncoderConfig, LowerLayerCache, TopLayers, encode_lower_layers
 
 if TYPE_CHECKING:
@@ -349,7 +346,7 @@ def train_on_set_top_k(
         ConfigError: on a protocol not in tune-top-k mode or an invalid top_k.
         FloatingPointError: if a training loss is NaN or infinite.
     """
-    from bench.evaluator import TrainResult, _BatchSource, rank_split
+    from bench.evaluator import _BatchSource, fit_with_validation
 
     if protocol.encoder_mode != "tune-top-k":
         raise ConfigError(
@@ -372,37 +369,13 @@ def train_on_set_top_k(
         weight_decay=protocol.weight_decay,
     )
 
-    start = time.perf_counter()
-    best_state, best_step, best_valid, best_score = None, 0, {}, -1.0
-    history, stale, subset_total = [], 0, 0
-    bar = progress_bar(total=protocol.max_steps, desc=f"train top-{protocol.top_k} seed {seed}", enabled=progress)
-    model.train()
-    for step in range(1, protocol.max_steps + 1):
+    subset_total = 0
+
+    def step_loss(step: int) -> tuple[torch.Tensor, dict]:
+        nonlocal subset_total
         loss, n_subset = _step_loss(model, source.next(), source.kind, subset_generator)
         subset_total += n_subset
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss is {loss.item()} at step {step} (seed {seed})")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        bar.update(1)
-        if step % protocol.eval_every and step != protocol.max_steps:
-            continue
-        ranks = rank_split(model, data, "valid", protocol.eval_batch_size, users=valid_users)
-        valid = metrics_from_ranks(ranks, protocol.ks)
-        history.append({
-            "step": step, "loss": loss.item(), protocol.select_metric: valid[protocol.select_metric],
-            "mean_subset_items": subset_total / step,
-        })
-        bar.set_postfix(loss=f"{loss.item():.3f}", valid=f"{valid[protocol.select_metric]:.4f}")
-        if valid[protocol.select_metric] > best_score:
-            best_state = copy.deepcopy(model.state_dict())
-            best_step, best_valid, best_score, stale = step, valid, valid[protocol.select_metric], 0
-        else:
-            stale += 1
-            if stale >= protocol.patience:
-                break
-    bar.close()
-    model.load_state_dict(best_state)
-    model.eval()
-    return TrainResult(model, best_step, best_valid, history, time.perf_counter() - start)
+        return loss, {"mean_subset_items": subset_total / step}
+
+    return fit_with_validation(model, optimizer, step_loss, data, protocol, seed, valid_users,
+                               desc=f"train top-{protocol.top_k} seed {seed}", progress=progress)
