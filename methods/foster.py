@@ -633,7 +633,12 @@ class Foster(Method):
             if self.expert_epoch_max is not None:
                 check_range(where, "expert_epoch_max", self.expert_epoch_max, low=self.expert_epoch_min)
             check_range(where, "penalty_start", self.penalty_start, low=0.0)
-            check_range(where, "penalty_end", self.penalty_end, low=0.0)
+            if self.penalty_end < self.penalty_start:
+                # A falling lambda would loosen the penalty as the run goes on, against the penalty method.
+                raise ConfigError(
+                    f"foster: invalid penalty_end={self.penalty_end!r}; it must be >= "
+                    f"penalty_start={self.penalty_start!r} (set both equal for a constant lambda)"
+                )
             check_range(where, "cooc_weight", self.cooc_weight, low=0.0)
             check_range(where, "cooc_top_k", self.cooc_top_k, low=1)
             check_encoder_mode(where, self.encoder_mode, self.top_k)
@@ -658,7 +663,10 @@ class Foster(Method):
             "reset_every": lambda: trial.suggest_int("reset_every", 10, 200, log=True),
             "expert_epoch_min": lambda: trial.suggest_int("expert_epoch_min", 1, 3),
             "penalty_start": lambda: trial.suggest_float("penalty_start", 0.1, 10.0, log=True),
-            "penalty_end": lambda: trial.suggest_float("penalty_end", 1.0, 100.0, log=True),
+            # The range starts at the drawn penalty_start, so lambda never falls.
+            "penalty_end": lambda: trial.suggest_float(
+                "penalty_end", max(1.0, trial.params.get("penalty_start", 1.0)), 100.0, log=True
+            ),
             "cooc_weight": lambda: trial.suggest_float("cooc_weight", 1e-3, 1.0, log=True),
             "cooc_top_k": lambda: trial.suggest_int("cooc_top_k", 2, 50, log=True),
         }

@@ -475,6 +475,21 @@ def test_config_rejects_bad_values(field, value):
         build_method("foster", {field: value})
 
 
+def test_config_rejects_falling_penalty():
+    with pytest.raises(ConfigError, match="penalty_end=0.5; it must be >= penalty_start=1.0"):
+        build_method("foster", {"penalty_start": 1.0, "penalty_end": 0.5})
+
+
+def test_search_space_never_lowers_penalty():
+    import optuna
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(50):
+        overrides = get_method("foster").search_space(study.ask())
+        assert overrides["penalty_end"] >= overrides["penalty_start"]
+        build_method("foster", overrides)
+
+
 def test_search_space_skips_ablated_fields():
     import optuna
 
