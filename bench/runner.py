@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
+import torch
 
 from bench import __version__
 from bench.config import build_config, check_range, config_dict, stable_hash
@@ -295,8 +296,11 @@ def make_probe(cache: SharedCache, protocol: Protocol, seed: int):
         rng = np.random.default_rng(derive_seed(seed, "probe-users"))
         users = None if n_eval <= n_users else np.sort(rng.choice(n_eval, n_users, replace=False))
         short = dataclasses.replace(protocol, max_steps=max_steps, eval_every=max(1, max_steps // 5))
-        result = train_on_set(synthetic, data, cache.text_vectors(), short, seed, progress=False, valid_users=users,
-                              encoder=cache.encoder, cache_dir=cache.cache_dir)
+        # train_on_set reseeds torch's global generator. Forking it keeps the caller's later draws
+        # (dropout masks, for one) independent of how often and how long it probes.
+        with torch.random.fork_rng(devices=[]):
+            result = train_on_set(synthetic, data, cache.text_vectors(), short, seed, progress=False,
+                                  valid_users=users, encoder=cache.encoder, cache_dir=cache.cache_dir)
         return result.best_valid[protocol.select_metric]
 
     return probe

@@ -12,7 +12,7 @@ import pytest
 
 from bench.errors import ConfigError, UnknownNameError
 from bench.records import read_records
-from bench.runner import load_suite, run_suite, suite_from_mapping
+from bench.runner import load_suite, make_probe, run_suite, suite_from_mapping
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -144,3 +144,19 @@ def test_unknown_top_key_lists_valid_keys():
 def test_method_without_config_says_so():
     with pytest.raises(ConfigError, match="takes no config keys"):
         suite_from_mapping({**TINY, "method": {"random": {"nosuch": 1}}})
+
+
+def test_probe_leaves_global_rng_alone(steam_cache):
+    import torch
+
+    from bench.evaluator import Protocol
+    from bench.synthetic import SyntheticSet
+
+    data = steam_cache.data
+    probe = make_probe(steam_cache, Protocol(learner=steam_cache.learner), seed=0)
+    synthetic = SyntheticSet.from_sequences(list(data.train_seqs[:10]), data.n_items, 10)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    probe(synthetic, max_steps=4, n_users=50)
+    assert torch.equal(torch.rand(3), expected)
