@@ -575,6 +575,10 @@ class Foster(Method):
                 validation on the games slice).
             penalty_end: ``lambda`` at the last step. It rises linearly, as
                 penalty methods for bilevel problems increase it (chosen).
+                NOTE: Adam divides Z's gradient by a running estimate of its
+                scale, so lambda mainly sets the balance of the gap against
+                ``beta * L_cooc`` in Z's update, not the size of the step. A rising
+                lambda enlarges Z's steps only while that estimate lags behind it.
             cooc_weight: ``beta``, weight of ``L_cooc`` (chosen: 0.01 and 0
                 gave the same accuracy as 0.1 on the games slice).
             cooc_top_k: text neighbours per item in the target ``A`` (chosen).
