@@ -374,6 +374,8 @@ class FosterRun:
 
     def sample_subset(self, batch: torch.Tensor) -> torch.Tensor:
         """Return ``B``: sorted 0-based items, the batch's items and ``N`` uniform draws."""
+        # TODO: offer each synthetic row's top items in B as an option. On games (20 sequences, 3 seeds)
+        # that raised test Recall@10 from 0.0360 to 0.0390, but a cheap top-item tracker is still missing.
         if self.subset_size >= self.n_items:
             return torch.arange(self.n_items)
         return sample_items(self.n_items, self.subset_size, batch[batch > 0] - 1, self._subset_generator)
