@@ -14,7 +14,7 @@ fair and the studies resumable:
   PRUNED with the reason kept in its user attributes;
 * the objective is validation NDCG@10 only; the test split is never read;
 * SQLite storage gets a long busy timeout and a file lock on trial claims so
-  several worker processes can share one file; heartbeats mark trials of
+  several worker processes can share one file. Heartbeats mark trials of
   killed workers FAIL after a grace period, and every start sweeps such stale
   trials first.
 """
@@ -114,6 +114,7 @@ class SQLiteFileStorage(optuna.storages.RDBStorage):
         self.lock_path = lock_path
 
     def set_trial_state_values(self, trial_id: int, state: optuna.trial.TrialState, values=None) -> bool:
+        """Set a trial's state and values, holding the claim lock when the new state is RUNNING."""
         if state != optuna.trial.TrialState.RUNNING:
             return super().set_trial_state_values(trial_id, state, values)
         with open(self.lock_path, "a", encoding="utf-8") as handle:
@@ -134,11 +135,12 @@ def make_storage(settings: StudySettings) -> optuna.storages.BaseStorage:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             lock_path = Path(path + ".claim-lock")
         engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
+    storage_kwargs = dict(
+        engine_kwargs=engine_kwargs, heartbeat_interval=settings.heartbeat_s, grace_period=settings.grace_s
+    )
     for attempt in range(5):
         try:
             with _heartbeat_api():
-                storage_kwargs = dict(engine_kwargs=engine_kwargs, heartbeat_interval=settings.heartbeat_s,
-                              grace_period=settings.grace_s)
                 if lock_path is not None:
                     return SQLiteFileStorage(settings.storage, lock_path, **storage_kwargs)
                 return optuna.storages.RDBStorage(settings.storage, **storage_kwargs)

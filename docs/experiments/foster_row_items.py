@@ -4,8 +4,10 @@ FOSTER's rows are trained over B, the real batch's items and N uniform draws.
 On games only about a third of the rows' starting items fall in B, so most data
 updates act on the renormalised tails of the rows. This script patches
 ``FosterRun.sample_subset`` to add every row's argmax over the cached text
-vectors. That reads every cached vector once per step (no encoding), which the
-package's FOSTER avoids, so it is an experiment and not an option.
+vectors. That reads every cached vector once per step, which the package's
+FOSTER avoids, so it is an experiment and not an option. It is meant for the
+frozen encoder mode: in tune-top-k mode the same call would encode the whole
+catalogue on every step.
 
 Usage, from the repository root after the README's install command:
 
