@@ -107,6 +107,38 @@ def config_dict(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
 
+# Metadata key of a config field added after records existed; see :func:`added_field`.
+ADDED_FIELD = "added_after_records"
+
+
+def added_field(default: Any, *, reason: str) -> Any:
+    """Declare a config field that was added after run records of its method existed.
+
+    While such a field has its default value, :func:`record_config` leaves it out,
+    so the records made before the field existed keep their cell keys and are
+    neither run again nor split into a second leaderboard row. The default must
+    therefore reproduce the behaviour from before the field was added.
+
+    Args:
+        default: the value that keeps the earlier behaviour.
+        reason: one line on what the field adds (kept in the field's metadata).
+    """
+    return dataclasses.field(default=default, metadata={ADDED_FIELD: reason})
+
+
+def record_config(config: Any) -> dict[str, Any]:
+    """Return the config as it enters run records and cell keys.
+
+    This is :func:`config_dict` without the fields declared by
+    :func:`added_field` that are set to their default.
+    """
+    data = config_dict(config)
+    for field in dataclasses.fields(config):
+        if ADDED_FIELD in field.metadata and getattr(config, field.name) == field.default:
+            data.pop(field.name, None)
+    return data
+
+
 def stable_hash(obj: Any, length: int = 16) -> str:
     """Hash a JSON-serialisable object with sorted keys into a hex string."""
     text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from bench import __version__
-from bench.config import build_config, check_range, config_dict, stable_hash
+from bench.config import build_config, check_range, config_dict, record_config, stable_hash
 from bench.context import MethodContext, SharedCache, derive_seed
 from bench.data import DatasetConfig, load_dataset
 from bench.errors import BenchError, CappedError, ConfigError, suggest
@@ -401,7 +401,7 @@ def run_suite(
                     values, tuning = entry.config, entry.record()
                     applied.add(entry.key())
                 config = build_config(method_cls.Config, values, where=f"method {cell.method!r}")
-                method_config = config_dict(config)
+                method_config = record_config(config)
             key = cell_key(cell, suite, data.fingerprint, method_config, tuning)
             path = record_path(out_dir, suite, cell, key)
             if path.exists():
