@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.config import config_dict, stable_hash
+from bench.config import config_dict, record_config, stable_hash
 from bench.context import MethodContext, SharedCache
 from bench.data import DatasetConfig, load_dataset
 from bench.errors import BudgetError, ConfigError
@@ -127,8 +127,9 @@ def test_local_ids_map_to_subset_columns():
     assert torch.equal(local, torch.tensor([[0, 1, 2], [2, 3, 1]]))
 
 
-def test_frozen_step_encodes_only_subset(steam_cache):
-    run = _run(steam_cache)
+@pytest.mark.parametrize("row_tops", [False, True])
+def test_frozen_step_encodes_only_subset(steam_cache, row_tops):
+    run = _run(steam_cache, subset_row_tops=row_tops)
     spy = RecordingItemText(run.item_text)
     run.item_text = spy
     adapter_rows = _adapter_rows(run)
@@ -150,6 +151,43 @@ def test_subset_holds_batch_items_and_n_random(steam_cache):
     items = run.sample_subset(batch)
     assert set((batch[batch > 0] - 1).tolist()) <= set(items.tolist())
     assert len(items) >= 40
+
+
+def test_row_tops_join_the_same_draw(steam_cache):
+    plain = _run(steam_cache, subset_size=40)
+    tracked = _run(steam_cache, subset_size=40, subset_row_tops=True)
+    batch = plain.next_real_batch()
+    assert torch.equal(batch, tracked.next_real_batch())
+    without = plain.sample_subset(batch)
+    with_tops = tracked.sample_subset(batch)
+    # The tracker starts at the items the latents were built from.
+    assert torch.equal(tracked.row_tops, torch.from_numpy(tracked.initial_ids.reshape(-1) - 1))
+    assert torch.equal(with_tops, torch.unique(torch.cat([without, tracked.row_tops])))
+    assert len(with_tops) > len(without)
+
+
+def test_row_tops_track_argmax_over_subset(steam_cache):
+    run = _run(steam_cache, subset_size=40, subset_row_tops=True)
+    for step in (1, 2, 3):
+        before = run.row_tops.clone()
+        z = run.z.detach().clone()
+        run.step(step)
+        items = run.last_items
+        assert set(before.tolist()) <= set(items.tolist()), "a tracked item was left out of B"
+        text = run.item_text.vectors(items)
+        scores = z.reshape(-1, z.shape[-1]) @ text.T
+        assert torch.equal(run.row_tops, items[scores.argmax(dim=-1)])
+        # B held the previous top items, so no row's tracked score fell.
+        rows = torch.arange(len(before))
+        old_scores = scores[rows, torch.searchsorted(items, before)]
+        assert (scores[rows, torch.searchsorted(items, run.row_tops)] >= old_scores).all()
+
+
+def test_row_tops_off_keeps_paper_subset(steam_cache):
+    run = _run(steam_cache, subset_size=40)
+    tops = run.row_tops.clone()
+    run.step(1)
+    assert torch.equal(run.row_tops, tops), "the tracker ran with subset_row_tops off"
 
 
 def test_subset_larger_than_catalogue_raises(steam_cache):
@@ -497,9 +535,12 @@ def test_search_space_skips_ablated_fields():
         "steps": 200, "real_batch": 128, "subset_size": 256, "temperature": 0.05, "init_noise": 0.01,
         "lr_data": 0.003, "lr_learner": 0.001, "inner_steps": 2, "reset_every": 40, "expert_epoch_min": 1,
         "penalty_start": 1.0, "penalty_end": 10.0, "cooc_weight": 0.1, "cooc_top_k": 10,
+        "subset_row_tops": True,
     })
     assert "subset_size" in get_method("foster").search_space(trial)
+    assert "subset_row_tops" in get_method("foster").search_space(trial)
     assert "subset_size" not in get_method("foster-no-subset").search_space(trial)
+    assert "subset_row_tops" not in get_method("foster-no-subset").search_space(trial)
     build_method("foster", get_method("foster").search_space(trial))
 
 
@@ -610,3 +651,12 @@ def test_frozen_training_ignores_encoder_args(steam_cache):
                                 encoder=ENCODER)
     assert plain.best_valid == with_encoder.best_valid
     assert dataclasses.replace(protocol).hash() == protocol.hash()
+
+
+def test_row_tops_field_left_out_of_records_at_default():
+    config_cls = get_method("foster").Config
+    default = record_config(config_cls())
+    # Records made before the field existed keep their keys while it is off.
+    assert default == {k: v for k, v in config_dict(config_cls()).items() if k != "subset_row_tops"}
+    assert record_config(config_cls(subset_row_tops=True))["subset_row_tops"] is True
+    assert stable_hash(default) != stable_hash(record_config(config_cls(subset_row_tops=True)))
