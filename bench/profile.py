@@ -16,8 +16,10 @@ From them it reports, per (dataset, method):
 * ``best_s``: wall time until the best validation NDCG@10 was reached, from
   the probe history. A short profile run does not probe unless ``--probe``
   is given, so this is NA by default. With ``--records-suite``, the value
-  comes from that suite's run records instead: the mean over seeds at the
-  same budget of their full-length probe histories;
+  comes from run records instead: the mean over seeds at the same budget of
+  their full-length probe histories. Only untuned records of the config the
+  profile times (the method's defaults under the ``--suite`` settings) count,
+  so control runs with other settings never enter the mean;
 * ``distill_s``: wall time of the whole ``distill`` call. For a selection
   method (a coreset, which has no distillation steps) this is its selection
   time, so ``--methods head,herding,kcenter,dealrec,goracs`` profiles how
@@ -40,6 +42,11 @@ rows of one method.
 
 Outputs: a table on stdout, and ``OUT/profile/profile.csv`` and
 ``OUT/profile/profile.md``.
+
+``--from-table CSV`` times nothing: it reads a table an earlier profile wrote,
+fills ``best_s`` from the records again and rewrites that table and its
+Markdown twin. Records finished after the profile then reach the table
+without timing the methods again, possibly on a busier machine.
 """
 
 from __future__ import annotations
@@ -107,9 +114,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probe", action="store_true",
                         help="pass the validation probe to the methods, as the runner does (default: off, "
                              "so the timed steps contain no probe)")
-    parser.add_argument("--records-suite", default=None,
-                        help="suite name whose run records under OUT/runs supply the time to the best "
-                             "validation NDCG@10 (mean over seeds at --budget)")
+    parser.add_argument("--records-suite", type=_names, default=None,
+                        help="comma-separated record folders under OUT/runs (suite names) that supply the "
+                             "time to the best validation NDCG@10 (mean over seeds at --budget)")
+    parser.add_argument("--from-table", type=Path, default=None,
+                        help="profile.csv of an earlier profile: time nothing, refill best_s from "
+                             "--records-suite and rewrite that table and its .md")
     parser.add_argument("--in-process", action="store_true",
                         help="run every method in this process instead of a fresh one each (faster; "
                              "peak memory may then be hidden by memory kept from an earlier run)")
@@ -290,13 +300,31 @@ def summarise(spec: ProfileSpec, raw: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def best_times_from_records(out: Path, suite_name: str, budget: int) -> dict[tuple[str, str], float]:
+def profiled_configs(suite_name: str) -> dict[str, dict]:
+    """Return ``{method: record config}`` of the configs the profile times under suite ``suite_name``."""
+    from bench.config import build_config, record_config
+    from bench.registry import get_method, method_names
+    from bench.runner import load_suite
+
+    suite = load_suite(suite_name)
+    configs = {}
+    for name in method_names():
+        values = suite.method_configs.get(name, {})
+        configs[name] = record_config(build_config(get_method(name).Config, values, where=f"method {name!r}"))
+    return configs
+
+
+def best_times_from_records(
+    out: Path, suite_names: list[str], budget: int, configs: dict[str, dict] | None = None
+) -> dict[tuple[str, str], float]:
     """Mean wall time to the best validation NDCG@10 per (dataset, method) from run records.
 
     Args:
         out: the output folder (records under ``OUT/runs/SUITE``).
-        suite_name: the suite whose records to read.
+        suite_names: the record folders to read.
         budget: only records of this number of sequences count.
+        configs: ``{method: record config}``; when given, only untuned records
+            of exactly that config count (see :func:`profiled_configs`).
 
     Returns:
         ``{(dataset, method): seconds}`` over records with a probe history.
@@ -304,8 +332,13 @@ def best_times_from_records(out: Path, suite_name: str, budget: int) -> dict[tup
     from bench.records import read_records
 
     times: dict[tuple[str, str], list[float]] = {}
-    for record in read_records(out / "runs" / suite_name):
+    records = [record for name in suite_names for record in read_records(out / "runs" / name)]
+    for record in records:
         if record.get("outcome") != "ok" or (record.get("budget") or {}).get("n_sequences") != budget:
+            continue
+        if configs is not None and (
+            record.get("tuning") is not None or record.get("method_config") != configs.get(record.get("method"))
+        ):
             continue
         history = ((record.get("synthetic") or {}).get("meta") or {}).get("probe_history") or []
         if history:
@@ -332,8 +365,9 @@ def add_ratios(frame: pd.DataFrame) -> pd.DataFrame:
 
 def render(frame: pd.DataFrame) -> str:
     """Render the profile table as GitHub Markdown (NA for missing values)."""
-    cells = frame[COLUMNS].astype(object).where(frame[COLUMNS].notna(), "NA")
-    return tabulate(cells.values.tolist(), headers=COLUMNS, tablefmt="github", floatfmt=".3g")
+    # None, not the string "NA", marks a gap, so tabulate still formats the column's numbers.
+    cells = frame[COLUMNS].astype(object).where(frame[COLUMNS].notna(), None)
+    return tabulate(cells.values.tolist(), headers=COLUMNS, tablefmt="github", floatfmt=".3g", missingval="NA")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -354,6 +388,8 @@ def run(args: argparse.Namespace) -> int:
     for option in ("steps", "budget", "seq_len"):
         if getattr(args, option) < 1:
             raise ConfigError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
+    if args.from_table is not None:
+        return rebuild(args)
     needs_expert = any(get_method(name).needs_expert for name in args.methods)
     if REFERENCE not in args.methods:
         logger.warning("%s is not among the methods; the ratio columns will be NA", REFERENCE)
@@ -391,22 +427,76 @@ def run(args: argparse.Namespace) -> int:
 
     frame = pd.DataFrame(rows)
     if args.records_suite:
-        best = best_times_from_records(args.out, args.records_suite, args.budget)
-        frame["best_s"] = [best.get((d, m), b) for d, m, b in zip(frame["dataset"], frame["method"], frame["best_s"])]
+        frame = fill_best_times(frame, args)
     frame = add_ratios(frame)
-
-    folder = args.out / "profile"
-    folder.mkdir(parents=True, exist_ok=True)
-    table = render(frame)
-    frame.to_csv(folder / "profile.csv", index=False)
     note = (
         f"Cost profile: {args.steps} distillation steps per method, budget {args.budget}x{args.seq_len}, "
-        f"suite {args.suite} settings, seed {args.seed}. epoch_s = step_s x training sequences / real batch; "
-        "distill_rss_mib = peak RSS during distill minus RSS at its start; *_vs_foster = value / FOSTER's value.\n"
+        f"suite {args.suite} settings, seed {args.seed}. "
     )
-    (folder / "profile.md").write_text(f"# Cost profile\n\n{note}\n{table}\n", encoding="utf-8")
+    write_tables(frame, args.out / "profile" / "profile.csv", note + _records_note(args) + LEGEND)
+    return 0 if (frame["outcome"] == "ok").all() else 1
+
+
+LEGEND = (
+    "epoch_s = step_s x training sequences / real batch; distill_rss_mib = peak RSS during distill minus RSS "
+    "at its start; *_vs_foster = value / FOSTER's value.\n"
+)
+
+
+def _records_note(args: argparse.Namespace) -> str:
+    if not args.records_suite:
+        return ""
+    return (f"best_s: mean over the untuned {args.budget}-sequence records of suite(s) "
+            f"{', '.join(args.records_suite)} with the profiled config. ")
+
+
+def fill_best_times(frame: pd.DataFrame, args: argparse.Namespace) -> pd.DataFrame:
+    """Return ``frame`` with ``best_s`` taken from the records of ``args.records_suite`` where they have it."""
+    best = best_times_from_records(args.out, args.records_suite, args.budget, profiled_configs(args.suite))
+    frame = frame.copy()
+    frame["best_s"] = [best.get((d, m), b) for d, m, b in zip(frame["dataset"], frame["method"], frame["best_s"])]
+    return frame
+
+
+def write_tables(frame: pd.DataFrame, csv_path: Path, note: str) -> None:
+    """Write ``frame`` to ``csv_path`` and its Markdown table beside it, and print the table."""
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    table = render(frame)
+    frame.to_csv(csv_path, index=False)
+    markdown = csv_path.with_suffix(".md")
+    markdown.write_text(f"# Cost profile\n\n{note}\n{table}\n", encoding="utf-8")
     print(table)
-    print(f"Wrote {folder / 'profile.md'} and {folder / 'profile.csv'}.")
+    print(f"Wrote {markdown} and {csv_path}.")
+
+
+def rebuild(args: argparse.Namespace) -> int:
+    """Refill ``best_s`` of an earlier profile table from run records and rewrite it; time nothing.
+
+    Raises:
+        ConfigError: without ``--records-suite``, or when the table is missing or lacks profile columns.
+    """
+    path = args.from_table
+    if not args.records_suite:
+        raise ConfigError("--from-table needs --records-suite: name the record folders that supply best_s")
+    if not path.is_file():
+        raise ConfigError(f"--from-table {path}: no such file; give the profile.csv an earlier profile wrote")
+    frame = pd.read_csv(path)
+    # Tables written before the column was renamed call the selection time distill_wall_s.
+    frame = frame.rename(columns={"distill_wall_s": "distill_s"})
+    if "distill_s" not in frame.columns:
+        frame["distill_s"] = np.nan
+    missing = [column for column in COLUMNS if column not in frame.columns]
+    if missing:
+        raise ConfigError(f"--from-table {path}: not a profile table, it lacks the columns {', '.join(missing)}")
+    frame["best_s"] = np.nan
+    frame = add_ratios(fill_best_times(frame, args))
+    # The table's own Markdown twin states how it was measured; keep that paragraph.
+    markdown = path.with_suffix(".md")
+    paragraphs = markdown.read_text(encoding="utf-8").split("\n\n") if markdown.is_file() else []
+    measured = paragraphs[1].strip() + "\n\n" if len(paragraphs) > 2 and paragraphs[0] == "# Cost profile" else ""
+    rebuilt = f"Rebuilt from {path.name}: the timing and memory columns are as measured then. {_records_note(args)}"
+    note = f"{measured}{rebuilt.rstrip()}\n"
+    write_tables(frame, path, note)
     return 0 if (frame["outcome"] == "ok").all() else 1
 
 

@@ -8,7 +8,16 @@ import pandas as pd
 import pytest
 
 from bench.errors import ConfigError
-from bench.profile import ProfileSpec, add_arguments, add_ratios, best_times_from_records, run, summarise
+from bench.config import build_config, record_config
+from bench.profile import (
+    ProfileSpec,
+    add_arguments,
+    add_ratios,
+    best_times_from_records,
+    profiled_configs,
+    run,
+    summarise,
+)
 from bench.records import RECORD_SCHEMA
 from bench.registry import get_method
 
@@ -137,18 +146,76 @@ def test_ratios_divide_by_foster_of_same_dataset():
     assert pd.isna(out.loc[2, "epoch_vs_foster"])
 
 
+def _write_record(folder, name, dataset, method, elapsed, method_config=None, n_sequences=50):
+    """Write a minimal finished run record whose probe peaked ``elapsed`` seconds into the run."""
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {
+        "schema": RECORD_SCHEMA, "outcome": "ok", "dataset": dataset, "method": method,
+        "method_config": method_config, "budget": {"n_sequences": n_sequences, "seq_len": 20},
+        "synthetic": {"meta": {"probe_history": [{"step": 5, "elapsed_s": elapsed, "ndcg@10": 0.2},
+                                                 {"step": 10, "elapsed_s": 99.0, "ndcg@10": 0.1}]}},
+    }
+    (folder / f"{name}.json").write_text(json.dumps(record), encoding="utf-8")
+
+
 def test_best_times_read_from_run_records(tmp_path):
     folder = tmp_path / "runs" / "games"
-    folder.mkdir(parents=True)
-    for seed, elapsed in ((0, 10.0), (1, 20.0)):
-        record = {
-            "schema": RECORD_SCHEMA, "outcome": "ok", "dataset": "games", "method": "td3",
-            "budget": {"n_sequences": 50, "seq_len": 20},
-            "synthetic": {"meta": {"probe_history": [{"step": 5, "elapsed_s": elapsed, "ndcg@10": 0.2},
-                                                     {"step": 10, "elapsed_s": 99.0, "ndcg@10": 0.1}]}},
-        }
-        (folder / f"r{seed}.json").write_text(json.dumps(record), encoding="utf-8")
-    assert best_times_from_records(tmp_path, "games", 50) == {("games", "td3"): pytest.approx(15.0)}
+    _write_record(folder, "r0", "games", "td3", 10.0)
+    _write_record(folder, "r1", "games", "td3", 20.0)
+    _write_record(folder, "r2", "games", "td3", 70.0, n_sequences=20)
+    assert best_times_from_records(tmp_path, ["games"], 50) == {("games", "td3"): pytest.approx(15.0)}
+
+
+def _tiny_config(method, **changes):
+    """Return the record config of ``method`` under the tiny suite (its test overrides) plus ``changes``."""
+    suite_values = dict(get_method(method).test_overrides)
+    return record_config(build_config(get_method(method).Config, {**suite_values, **changes}))
+
+
+def test_best_times_count_only_the_profiled_config(tmp_path, tiny_suite):
+    folder = tmp_path / "runs" / "a"
+    _write_record(folder, "r0", "steam", "foster", 10.0, _tiny_config("foster"))
+    # A control run with another config at the same budget must not enter the mean.
+    _write_record(folder, "r1", "steam", "foster", 90.0, _tiny_config("foster", lr_data=1e-12))
+    _write_record(tmp_path / "runs" / "b", "r2", "steam", "foster", 30.0, _tiny_config("foster"))
+    best = best_times_from_records(tmp_path, ["a", "b"], 50, profiled_configs(tiny_suite))
+    assert best == {("steam", "foster"): pytest.approx(20.0)}
+
+
+def test_from_table_refills_best_times_without_timing(profile_run, tiny_suite, tmp_path):
+    table = tmp_path / "profile.csv"
+    for suffix in (".csv", ".md"):
+        source = profile_run[1] / "profile" / f"profile{suffix}"
+        table.with_suffix(suffix).write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
+    records = tmp_path / "runs" / "tiny"
+    _write_record(records, "f", "steam", "foster", 4.0, _tiny_config("foster"), n_sequences=5)
+    _write_record(records, "t", "steam", "td3", 12.0, _tiny_config("td3"), n_sequences=5)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    # No --data-dir: a run that tried to time anything could not load the dataset.
+    args = parser.parse_args(["--suite", tiny_suite, "--out", str(tmp_path), "--budget", "5",
+                              "--records-suite", "tiny", "--from-table", str(table)])
+    assert run(args) == 0
+    frame = pd.read_csv(table).set_index("method")
+    before = profile_run[2].set_index("method")
+    assert frame.loc["foster", "best_s"] == pytest.approx(4.0)
+    assert frame.loc["td3", "best_vs_foster"] == pytest.approx(3.0)
+    assert pd.isna(frame.loc["farzi", "best_s"])
+    assert frame.loc["td3", "step_s"] == pytest.approx(before.loc["td3", "step_s"])
+    text = table.with_suffix(".md").read_text(encoding="utf-8")
+    assert "Rebuilt from profile.csv" in text
+    assert "2 distillation steps per method" in text, "the note on how the table was measured was lost"
+
+
+def test_from_table_needs_records_suite(tiny_suite, tmp_path):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--suite", tiny_suite, "--from-table", str(tmp_path / "missing.csv")])
+    with pytest.raises(ConfigError, match="--records-suite"):
+        run(args)
+    args.records_suite = ["tiny"]
+    with pytest.raises(ConfigError, match="missing.csv: no such file"):
+        run(args)
 
 
 def test_profile_rejects_zero_steps(shared_data, tiny_suite, tmp_path):
