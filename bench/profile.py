@@ -46,7 +46,10 @@ Outputs: a table on stdout, and ``OUT/profile/profile.csv`` and
 ``--from-table CSV`` times nothing: it reads a table an earlier profile wrote,
 fills ``best_s`` from the records again and rewrites that table and its
 Markdown twin. Records finished after the profile then reach the table
-without timing the methods again, possibly on a busier machine.
+without timing the methods again, possibly on a busier machine. The records
+must have the table's budget and sequence length (columns of tables written
+since those columns exist; older tables need ``--budget``). Rows without a
+matching record keep their value.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ import dataclasses
 import logging
 import math
 import multiprocessing
+import re
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -71,6 +75,8 @@ from bench.errors import BenchError, CappedError, ConfigError
 logger = logging.getLogger(__name__)
 
 REFERENCE = "foster"
+DEFAULT_BUDGET = 50
+DEFAULT_SEQ_LEN = 20
 COLUMNS = [
     "dataset", "n_items", "method", "outcome", "steps", "step_s", "epoch_s", "best_s", "distill_s",
     "peak_rss_mib", "distill_rss_mib", "epoch_vs_foster", "best_vs_foster", "memory_vs_foster",
@@ -105,8 +111,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output folder: caches under OUT/cache, tables under OUT/profile (default: reports)")
     parser.add_argument("--steps", type=int, default=5,
                         help="distillation steps to time per method; sets the method's 'steps' field (default: 5)")
-    parser.add_argument("--budget", type=int, default=50, help="synthetic sequences (default: 50)")
-    parser.add_argument("--seq-len", type=int, default=20, help="items per synthetic sequence (default: 20)")
+    parser.add_argument("--budget", type=int, default=None,
+                        help=f"synthetic sequences (default: {DEFAULT_BUDGET}; with --from-table, the table's)")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help=f"items per synthetic sequence (default: {DEFAULT_SEQ_LEN}; with --from-table, "
+                             "the table's)")
     parser.add_argument("--suite", default="games",
                         help="suite name or TOML path whose learner, encoder, expert, protocol, data and "
                              "[method.NAME] settings apply to every dataset (default: games)")
@@ -297,6 +306,9 @@ def summarise(spec: ProfileSpec, raw: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_mib": peak,
         "distill_rss_mib": None if peak is None else max(0.0, peak - raw["rss_start_mib"]),
         "distill_s": distill.get("wall_s"),
+        # Kept in the CSV so that --from-table can read records of the same budget.
+        "budget": spec.budget,
+        "seq_len": spec.seq_len,
     }
 
 
@@ -315,7 +327,8 @@ def profiled_configs(suite_name: str) -> dict[str, dict]:
 
 
 def best_times_from_records(
-    out: Path, suite_names: list[str], budget: int, configs: dict[str, dict] | None = None
+    out: Path, suite_names: list[str], budget: int, configs: dict[str, dict] | None = None,
+    seq_len: int | None = None,
 ) -> dict[tuple[str, str], float]:
     """Mean wall time to the best validation NDCG@10 per (dataset, method) from run records.
 
@@ -323,6 +336,7 @@ def best_times_from_records(
         out: the output folder (records under ``OUT/runs/SUITE``).
         suite_names: the record folders to read.
         budget: only records of this number of sequences count.
+        seq_len: when given, only records of this sequence length count.
         configs: ``{method: record config}``; when given, only untuned records
             of exactly that config count (see :func:`profiled_configs`).
 
@@ -334,7 +348,10 @@ def best_times_from_records(
     times: dict[tuple[str, str], list[float]] = {}
     records = [record for name in suite_names for record in read_records(out / "runs" / name)]
     for record in records:
-        if record.get("outcome") != "ok" or (record.get("budget") or {}).get("n_sequences") != budget:
+        cell_budget = record.get("budget") or {}
+        if record.get("outcome") != "ok" or cell_budget.get("n_sequences") != budget:
+            continue
+        if seq_len is not None and cell_budget.get("seq_len") != seq_len:
             continue
         if configs is not None and (
             record.get("tuning") is not None or record.get("method_config") != configs.get(record.get("method"))
@@ -386,10 +403,15 @@ def run(args: argparse.Namespace) -> int:
     from bench.registry import get_method
 
     for option in ("steps", "budget", "seq_len"):
-        if getattr(args, option) < 1:
-            raise ConfigError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{option.replace('_', '-')} must be >= 1, got {value}")
+    if args.records_suite:
+        check_record_folders(args.out, args.records_suite)
     if args.from_table is not None:
         return rebuild(args)
+    budget = DEFAULT_BUDGET if args.budget is None else args.budget
+    seq_len = DEFAULT_SEQ_LEN if args.seq_len is None else args.seq_len
     needs_expert = any(get_method(name).needs_expert for name in args.methods)
     if REFERENCE not in args.methods:
         logger.warning("%s is not among the methods; the ratio columns will be NA", REFERENCE)
@@ -398,8 +420,8 @@ def run(args: argparse.Namespace) -> int:
     for dataset in args.datasets:
         spec_base = ProfileSpec(
             dataset=dataset, method="", data_dir=None if args.data_dir is None else str(args.data_dir),
-            out=str(args.out), suite=str(args.suite), steps=args.steps, budget=args.budget,
-            seq_len=args.seq_len, seed=args.seed, threads=getattr(args, "threads", None), probe=args.probe,
+            out=str(args.out), suite=str(args.suite), steps=args.steps, budget=budget,
+            seq_len=seq_len, seed=args.seed, threads=getattr(args, "threads", None), probe=args.probe,
             wall_cap_s=args.wall_cap_s, rss_cap_mib=args.rss_cap_mib,
             log_level=logging.getLogger().getEffectiveLevel(),
         )
@@ -427,13 +449,13 @@ def run(args: argparse.Namespace) -> int:
 
     frame = pd.DataFrame(rows)
     if args.records_suite:
-        frame = fill_best_times(frame, args)
+        frame = fill_best_times(frame, args, budget, seq_len)
     frame = add_ratios(frame)
     note = (
-        f"Cost profile: {args.steps} distillation steps per method, budget {args.budget}x{args.seq_len}, "
+        f"Cost profile: {args.steps} distillation steps per method, budget {budget}x{seq_len}, "
         f"suite {args.suite} settings, seed {args.seed}. "
     )
-    write_tables(frame, args.out / "profile" / "profile.csv", note + _records_note(args) + LEGEND)
+    write_tables(frame, args.out / "profile" / "profile.csv", note + _records_note(args, budget, seq_len) + LEGEND)
     return 0 if (frame["outcome"] == "ok").all() else 1
 
 
@@ -443,18 +465,38 @@ LEGEND = (
 )
 
 
-def _records_note(args: argparse.Namespace) -> str:
+def _records_note(args: argparse.Namespace, budget: int, seq_len: int) -> str:
     if not args.records_suite:
         return ""
-    return (f"best_s: mean over the untuned {args.budget}-sequence records of suite(s) "
+    return (f"best_s: mean over the untuned {budget}x{seq_len} records of suite(s) "
             f"{', '.join(args.records_suite)} with the profiled config. ")
 
 
-def fill_best_times(frame: pd.DataFrame, args: argparse.Namespace) -> pd.DataFrame:
-    """Return ``frame`` with ``best_s`` taken from the records of ``args.records_suite`` where they have it."""
-    best = best_times_from_records(args.out, args.records_suite, args.budget, profiled_configs(args.suite))
+def check_record_folders(out: Path, suite_names: list[str]) -> None:
+    """Raise ConfigError, before anything is timed, when a named record folder does not exist."""
+    runs = out / "runs"
+    for name in suite_names:
+        if not (runs / name).is_dir():
+            present = sorted(path.name for path in runs.iterdir() if path.is_dir()) if runs.is_dir() else []
+            raise ConfigError(
+                f"--records-suite {name}: no record folder {runs / name}; "
+                f"folders there: {', '.join(present) or 'none'} (or set --out to the folder with runs/)"
+            )
+
+
+def fill_best_times(frame: pd.DataFrame, args: argparse.Namespace, budget: int, seq_len: int) -> pd.DataFrame:
+    """Return ``frame`` with ``best_s`` taken from the records of ``args.records_suite`` where they have it.
+
+    Rows that no record matches keep their value, and a warning names them.
+    """
+    best = best_times_from_records(args.out, args.records_suite, budget, profiled_configs(args.suite), seq_len)
     frame = frame.copy()
-    frame["best_s"] = [best.get((d, m), b) for d, m, b in zip(frame["dataset"], frame["method"], frame["best_s"])]
+    keys = list(zip(frame["dataset"], frame["method"]))
+    unmatched = [f"{d}/{m}" for d, m in keys if (d, m) not in best]
+    if unmatched:
+        logger.warning("no finished %dx%d records with the profiled config for %s; their best_s is unchanged",
+                       budget, seq_len, ", ".join(unmatched))
+    frame["best_s"] = [best.get(key, value) for key, value in zip(keys, frame["best_s"])]
     return frame
 
 
@@ -478,9 +520,30 @@ def rebuild(args: argparse.Namespace) -> int:
     path = args.from_table
     if not args.records_suite:
         raise ConfigError("--from-table needs --records-suite: name the record folders that supply best_s")
+    frame = _read_table(path)
+    budget = _table_value(frame, "budget", args.budget, None, path)
+    seq_len = _table_value(frame, "seq_len", args.seq_len, DEFAULT_SEQ_LEN, path)
+    frame = add_ratios(fill_best_times(frame, args, budget, seq_len))
+    # The table's own Markdown twin states how it was measured; keep that paragraph without its old best_s note.
+    markdown = path.with_suffix(".md")
+    paragraphs = markdown.read_text(encoding="utf-8").split("\n\n") if markdown.is_file() else []
+    measured = ""
+    if len(paragraphs) > 2 and paragraphs[0] == "# Cost profile":
+        measured = re.sub(r"best_s: mean over .*? with the profiled config\. ", "", paragraphs[1].strip()) + "\n\n"
+    rebuilt = (f"Rebuilt from {path.name}: the timing and memory columns are as measured then. "
+               f"{_records_note(args, budget, seq_len)}")
+    write_tables(frame, path, f"{measured}{rebuilt.rstrip()}\n")
+    return 0 if (frame["outcome"] == "ok").all() else 1
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    """Read a profile CSV, raising ConfigError when it is missing, unreadable or lacks profile columns."""
     if not path.is_file():
         raise ConfigError(f"--from-table {path}: no such file; give the profile.csv an earlier profile wrote")
-    frame = pd.read_csv(path)
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, OSError) as exc:
+        raise ConfigError(f"--from-table {path}: cannot read it as CSV ({exc}); give a profile.csv") from exc
     # Tables written before the column was renamed call the selection time distill_wall_s.
     frame = frame.rename(columns={"distill_wall_s": "distill_s"})
     if "distill_s" not in frame.columns:
@@ -488,16 +551,31 @@ def rebuild(args: argparse.Namespace) -> int:
     missing = [column for column in COLUMNS if column not in frame.columns]
     if missing:
         raise ConfigError(f"--from-table {path}: not a profile table, it lacks the columns {', '.join(missing)}")
-    frame["best_s"] = np.nan
-    frame = add_ratios(fill_best_times(frame, args))
-    # The table's own Markdown twin states how it was measured; keep that paragraph.
-    markdown = path.with_suffix(".md")
-    paragraphs = markdown.read_text(encoding="utf-8").split("\n\n") if markdown.is_file() else []
-    measured = paragraphs[1].strip() + "\n\n" if len(paragraphs) > 2 and paragraphs[0] == "# Cost profile" else ""
-    rebuilt = f"Rebuilt from {path.name}: the timing and memory columns are as measured then. {_records_note(args)}"
-    note = f"{measured}{rebuilt.rstrip()}\n"
-    write_tables(frame, path, note)
-    return 0 if (frame["outcome"] == "ok").all() else 1
+    return frame
+
+
+def _table_value(
+    frame: pd.DataFrame, column: str, option_value: int | None, default: int | None, path: Path
+) -> int:
+    """Return the table's ``column`` value, checked against the option ``option_value``.
+
+    Tables written before the column existed use ``option_value``, else ``default``.
+    """
+    option = f"--{column.replace('_', '-')}"
+    if column in frame.columns:
+        values = sorted({int(v) for v in frame[column].dropna()})
+        if len(values) == 1:
+            if option_value is not None and option_value != values[0]:
+                raise ConfigError(
+                    f"{option} {option_value} does not match the table {path}, timed at {column} {values[0]}; "
+                    f"drop {option} or profile again at {option_value}"
+                )
+            return values[0]
+    if option_value is not None:
+        return option_value
+    if default is None:
+        raise ConfigError(f"the table {path} does not record its {column}; pass {option} as stated in its .md note")
+    return default
 
 
 def _format(value) -> str:

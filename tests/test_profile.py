@@ -146,12 +146,13 @@ def test_ratios_divide_by_foster_of_same_dataset():
     assert pd.isna(out.loc[2, "epoch_vs_foster"])
 
 
-def _write_record(folder, name, dataset, method, elapsed, method_config=None, n_sequences=50):
+def _write_record(folder, name, dataset, method, elapsed, method_config=None, n_sequences=50, seq_len=20,
+                  tuning=None):
     """Write a minimal finished run record whose probe peaked ``elapsed`` seconds into the run."""
     folder.mkdir(parents=True, exist_ok=True)
     record = {
-        "schema": RECORD_SCHEMA, "outcome": "ok", "dataset": dataset, "method": method,
-        "method_config": method_config, "budget": {"n_sequences": n_sequences, "seq_len": 20},
+        "schema": RECORD_SCHEMA, "outcome": "ok", "dataset": dataset, "method": method, "tuning": tuning,
+        "method_config": method_config, "budget": {"n_sequences": n_sequences, "seq_len": seq_len},
         "synthetic": {"meta": {"probe_history": [{"step": 5, "elapsed_s": elapsed, "ndcg@10": 0.2},
                                                  {"step": 10, "elapsed_s": 99.0, "ndcg@10": 0.1}]}},
     }
@@ -177,25 +178,37 @@ def test_best_times_count_only_the_profiled_config(tmp_path, tiny_suite):
     _write_record(folder, "r0", "steam", "foster", 10.0, _tiny_config("foster"))
     # A control run with another config at the same budget must not enter the mean.
     _write_record(folder, "r1", "steam", "foster", 90.0, _tiny_config("foster", lr_data=1e-12))
+    # So must a tuned run, even when the study picked the profiled config.
+    _write_record(folder, "r3", "steam", "foster", 70.0, _tiny_config("foster"), tuning={"study": "s"})
+    _write_record(folder, "r4", "steam", "foster", 80.0, _tiny_config("foster"), seq_len=10)
     _write_record(tmp_path / "runs" / "b", "r2", "steam", "foster", 30.0, _tiny_config("foster"))
-    best = best_times_from_records(tmp_path, ["a", "b"], 50, profiled_configs(tiny_suite))
+    best = best_times_from_records(tmp_path, ["a", "b"], 50, profiled_configs(tiny_suite), seq_len=20)
     assert best == {("steam", "foster"): pytest.approx(20.0)}
 
 
-def test_from_table_refills_best_times_without_timing(profile_run, tiny_suite, tmp_path):
-    table = tmp_path / "profile.csv"
+def _copy_table(profile_run, folder):
+    """Copy the profile run's CSV and Markdown tables into ``folder``; return the CSV path."""
+    table = folder / "profile.csv"
     for suffix in (".csv", ".md"):
         source = profile_run[1] / "profile" / f"profile{suffix}"
         table.with_suffix(suffix).write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
-    records = tmp_path / "runs" / "tiny"
-    _write_record(records, "f", "steam", "foster", 4.0, _tiny_config("foster"), n_sequences=5)
-    _write_record(records, "t", "steam", "td3", 12.0, _tiny_config("td3"), n_sequences=5)
+    return table
+
+
+def _rebuild_args(tiny_suite, out, table, *extra):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     # No --data-dir: a run that tried to time anything could not load the dataset.
-    args = parser.parse_args(["--suite", tiny_suite, "--out", str(tmp_path), "--budget", "5",
-                              "--records-suite", "tiny", "--from-table", str(table)])
-    assert run(args) == 0
+    return parser.parse_args(["--suite", tiny_suite, "--out", str(out), "--from-table", str(table), *extra])
+
+
+def test_from_table_refills_best_times_without_timing(profile_run, tiny_suite, tmp_path):
+    table = _copy_table(profile_run, tmp_path)
+    records = tmp_path / "runs" / "tiny"
+    _write_record(records, "f", "steam", "foster", 4.0, _tiny_config("foster"), n_sequences=5, seq_len=10)
+    _write_record(records, "t", "steam", "td3", 12.0, _tiny_config("td3"), n_sequences=5, seq_len=10)
+    # The table records its budget (5x10), so --budget may be left out.
+    assert run(_rebuild_args(tiny_suite, tmp_path, table, "--records-suite", "tiny")) == 0
     frame = pd.read_csv(table).set_index("method")
     before = profile_run[2].set_index("method")
     assert frame.loc["foster", "best_s"] == pytest.approx(4.0)
@@ -205,14 +218,44 @@ def test_from_table_refills_best_times_without_timing(profile_run, tiny_suite, t
     text = table.with_suffix(".md").read_text(encoding="utf-8")
     assert "Rebuilt from profile.csv" in text
     assert "2 distillation steps per method" in text, "the note on how the table was measured was lost"
+    assert run(_rebuild_args(tiny_suite, tmp_path, table, "--records-suite", "tiny")) == 0
+    text = table.with_suffix(".md").read_text(encoding="utf-8")
+    assert text.count("best_s: mean over") == 1, "a second rebuild kept the first one's best_s note"
+
+
+def test_from_table_rejects_other_budget(profile_run, tiny_suite, tmp_path):
+    table = _copy_table(profile_run, tmp_path)
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    args = _rebuild_args(tiny_suite, tmp_path, table, "--records-suite", "tiny", "--budget", "20")
+    with pytest.raises(ConfigError, match="--budget 20 does not match .* budget 5"):
+        run(args)
+
+
+def test_from_table_unknown_records_folder(profile_run, tiny_suite, tmp_path):
+    table = _copy_table(profile_run, tmp_path)
+    (tmp_path / "runs" / "games").mkdir(parents=True)
+    before = table.read_text(encoding="utf-8")
+    with pytest.raises(ConfigError, match="--records-suite gmaes: no record folder .*folders there: games"):
+        run(_rebuild_args(tiny_suite, tmp_path, table, "--records-suite", "gmaes"))
+    assert table.read_text(encoding="utf-8") == before
+
+
+def test_from_table_unreadable_file(tiny_suite, tmp_path):
+    table = tmp_path / "profile.csv"
+    table.write_text("", encoding="utf-8")
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="cannot read it as CSV"):
+        run(_rebuild_args(tiny_suite, tmp_path, table, "--records-suite", "tiny"))
 
 
 def test_from_table_needs_records_suite(tiny_suite, tmp_path):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(["--suite", tiny_suite, "--from-table", str(tmp_path / "missing.csv")])
+    args = parser.parse_args(["--suite", tiny_suite, "--out", str(tmp_path),
+                              "--from-table", str(tmp_path / "missing.csv")])
     with pytest.raises(ConfigError, match="--records-suite"):
         run(args)
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
     args.records_suite = ["tiny"]
     with pytest.raises(ConfigError, match="missing.csv: no such file"):
         run(args)
