@@ -50,10 +50,14 @@ field. This module also makes these choices:
   third of the rows' starting items fall in it, so most data updates act on
   the renormalised tails of the rows. The top items come from a tracker that
   never scores the whole catalogue: it starts at the items ``Z`` was built
-  from and, after each step, becomes each row's argmax over that step's
-  ``B``. Because ``B`` always contains the tracked items, a tracked item is
-  replaced only by one that scores higher, so the tracker is exact for the
-  items ``B`` has contained and lags one step behind ``Z``.
+  from and, in each step, becomes each row's argmax over that step's ``B``
+  under ``Z`` before the step's update. ``B`` always contains the tracked
+  items, so a tracked item is replaced only by one that scores at least as
+  high. An item that would overtake it later is found only when a later
+  ``B`` draws it again.
+  NOTE: the tracked items enlarge ``B`` by up to ``m * L`` items, so
+  ``subset_size`` no longer bounds a step's cost (in ``tune-top-k`` mode the
+  top layers encode them too).
 * In ``tune-top-k`` mode the trained top encoder layers belong to ``theta``
   and train in its step. ``theta'`` and ``Z`` read their vectors detached, the
   layers run without dropout, and a learner reset leaves them as they are,
@@ -654,6 +658,11 @@ class Foster(Method):
             check_range(where, "steps", self.steps, low=1)
             check_range(where, "real_batch", self.real_batch, low=1)
             check_range(where, "subset_size", self.subset_size, low=1)
+            if self.subset_row_tops and not self.use_subset:
+                # Without subsets B is the whole catalogue, so the option would only change the record key.
+                raise ConfigError(
+                    "foster: subset_row_tops=true needs use_subset=true; without subsets every item is in B already"
+                )
             check_range(where, "temperature", self.temperature, low=0.0, low_open=True)
             check_range(where, "init_noise", self.init_noise, low=0.0)
             check_range(where, "lr_data", self.lr_data, low=0.0, low_open=True)
@@ -686,7 +695,6 @@ class Foster(Method):
             "steps": lambda: trial.suggest_int("steps", 100, 1000, log=True),
             "real_batch": lambda: trial.suggest_categorical("real_batch", [64, 128, 256, 512]),
             "subset_size": lambda: trial.suggest_categorical("subset_size", [128, 256, 512, 1024, 2048]),
-            "subset_row_tops": lambda: trial.suggest_categorical("subset_row_tops", [False, True]),
             "temperature": lambda: trial.suggest_float("temperature", 0.01, 0.5, log=True),
             "init_noise": lambda: trial.suggest_float("init_noise", 1e-3, 0.1, log=True),
             "lr_data": lambda: trial.suggest_float("lr_data", 1e-4, 3e-2, log=True),
@@ -701,6 +709,9 @@ class Foster(Method):
             ),
             "cooc_weight": lambda: trial.suggest_float("cooc_weight", 1e-3, 1.0, log=True),
             "cooc_top_k": lambda: trial.suggest_int("cooc_top_k", 2, 50, log=True),
+            # Drawn last, so a trial's first draws match those made before the field existed. A seeded
+            # study still proposes other configs than before from its second trial on.
+            "subset_row_tops": lambda: trial.suggest_categorical("subset_row_tops", [False, True]),
         }
         return {name: draw() for name, draw in suggest.items() if name not in cls.untuned}
 

@@ -168,19 +168,32 @@ def test_row_tops_join_the_same_draw(steam_cache):
 
 def test_row_tops_track_argmax_over_subset(steam_cache):
     run = _run(steam_cache, subset_size=40, subset_row_tops=True)
+    # Move every row to another item's text vector, so the tracked starting items are no longer the tops.
+    generator = torch.Generator().manual_seed(0)
+    others = torch.randint(0, run.n_items, (run.z.shape[0] * run.z.shape[1],), generator=generator)
+    with torch.no_grad():
+        run.z.copy_(run.item_text.vectors(others).reshape(run.z.shape))
+    start = run.row_tops.clone()
     for step in (1, 2, 3):
         before = run.row_tops.clone()
         z = run.z.detach().clone()
         run.step(step)
         items = run.last_items
         assert set(before.tolist()) <= set(items.tolist()), "a tracked item was left out of B"
-        text = run.item_text.vectors(items)
-        scores = z.reshape(-1, z.shape[-1]) @ text.T
-        assert torch.equal(run.row_tops, items[scores.argmax(dim=-1)])
-        # B held the previous top items, so no row's tracked score fell.
-        rows = torch.arange(len(before))
-        old_scores = scores[rows, torch.searchsorted(items, before)]
-        assert (scores[rows, torch.searchsorted(items, run.row_tops)] >= old_scores).all()
+        rows = synthetic_rows(z, run.item_text.vectors(items), run.config.temperature).reshape(-1, len(items))
+        assert torch.equal(run.row_tops, items[rows.argmax(dim=-1)])
+        # B contained the previous top items, so no row's tracked probability fell.
+        index = torch.arange(len(before))
+        previous = rows[index, torch.searchsorted(items, before)]
+        assert (rows[index, torch.searchsorted(items, run.row_tops)] >= previous).all()
+    assert (run.row_tops != start).any(), "the tracker never moved off the starting items"
+
+
+def test_row_tops_need_subsets():
+    with pytest.raises(ConfigError, match="subset_row_tops=true needs use_subset=true"):
+        build_method("foster", {"use_subset": False, "subset_row_tops": True})
+    with pytest.raises(ConfigError, match="subset_row_tops=true needs use_subset=true"):
+        build_method("foster-no-subset", {"subset_row_tops": True})
 
 
 def test_row_tops_off_keeps_paper_subset(steam_cache):
@@ -653,7 +666,7 @@ def test_frozen_training_ignores_encoder_args(steam_cache):
     assert dataclasses.replace(protocol).hash() == protocol.hash()
 
 
-def test_row_tops_field_left_out_of_records_at_default():
+def test_row_tops_omitted_from_records():
     config_cls = get_method("foster").Config
     default = record_config(config_cls())
     # Records made before the field existed keep their keys while it is off.

@@ -1,5 +1,6 @@
 """Runner: skipping finished cells, resuming after a kill, recording failures."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -10,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from bench.config import added_field
 from bench.errors import ConfigError, UnknownNameError
 from bench.records import read_records
 from bench.runner import load_suite, make_probe, run_suite, suite_from_mapping
+from methods.random_subset import RandomSubset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,6 +46,29 @@ def test_rerun_skips_every_finished_cell(shared_data, tmp_path):
     second = run_suite(suite, data_dir=shared_data, out_dir=tmp_path, progress=False)
     assert {r["key"] for r in second} == {r["key"] for r in first}
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*.json")} == mtimes
+
+
+def test_added_config_field_keeps_record_keys(shared_data, tmp_path, monkeypatch):
+    suite = suite_from_mapping({**TINY, "methods": ["random"], "include_pop": False})
+    before = run_suite(suite, data_dir=shared_data, out_dir=tmp_path, progress=False)[0]
+
+    @dataclasses.dataclass(frozen=True)
+    class Config(RandomSubset.Config):
+        extra: bool = added_field(False, reason="a field added after records existed")
+
+    monkeypatch.setattr(RandomSubset, "Config", Config)
+    path = next((tmp_path / "runs").rglob("*.json"))
+    mtime = path.stat().st_mtime_ns
+    again = run_suite(suite, data_dir=shared_data, out_dir=tmp_path, progress=False)[0]
+    assert again["key"] == before["key"]
+    assert path.stat().st_mtime_ns == mtime, "the finished cell ran again"
+    changed_suite = suite_from_mapping({**TINY, "methods": ["random"], "include_pop": False,
+                                        "method": {"random": {"extra": True}}})
+    records = run_suite(changed_suite, data_dir=shared_data, out_dir=tmp_path, progress=False)
+    assert before["key"] in {r["key"] for r in records}
+    changed = [r for r in records if r["key"] != before["key"]]
+    assert len(changed) == 1, "setting the added field did not give the cell a new key"
+    assert changed[0]["method_config"] == {"extra": True}
 
 
 def test_budget_too_large_is_recorded_failure(shared_data, tmp_path):

@@ -3,11 +3,12 @@
 FOSTER's rows are trained over B, the real batch's items and N uniform draws.
 On games only about a third of the rows' starting items fall in B, so most data
 updates act on the renormalised tails of the rows. This script patches
-``FosterRun.sample_subset`` to add every row's argmax over the cached text
-vectors. That reads every cached vector once per step, which the package's
-FOSTER avoids, so it is an experiment and not an option. It is meant for the
-frozen encoder mode: in tune-top-k mode the same call would encode the whole
-catalogue on every step.
+``FosterRun.sample_subset`` to add every row's exact argmax over the cached
+text vectors. That reads every cached vector once per step, which the
+package's FOSTER avoids. Its option ``subset_row_tops`` adds tracked top items
+instead (see ``methods/foster.py``); this script stays as the exact reference
+for that option. It is meant for the frozen encoder mode: in tune-top-k mode
+the same call would encode the whole catalogue on every step.
 
 Usage, from the repository root after the README's install command:
 
