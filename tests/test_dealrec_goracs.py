@@ -54,7 +54,7 @@ def test_sequence_losses_weighted_mean_equals_hard_loss(small_model, slice_seqs)
     losses = sequence_losses(small_model, slice_seqs)
     counts = ((slice_seqs[:, 1:] > 0) & (slice_seqs[:, :-1] > 0)).sum(dim=1)
     weighted = ((losses * counts).sum() / counts.sum()).item()
-    assert weighted == pytest.approx(float(small_model.hard_loss(slice_seqs)), rel=1e-5)
+    assert weighted == pytest.approx(small_model.hard_loss(slice_seqs).item(), rel=1e-5)
 
 
 def test_sampled_loss_with_every_item_equals_full(small_model, slice_seqs):
