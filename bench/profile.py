@@ -564,6 +564,10 @@ def _table_value(
     option = f"--{column.replace('_', '-')}"
     if column in frame.columns:
         values = sorted({int(v) for v in frame[column].dropna()})
+        if len(values) > 1:
+            raise ConfigError(
+                f"the table {path} mixes {column} values {values}; profile one {column} per table"
+            )
         if len(values) == 1:
             if option_value is not None and option_value != values[0]:
                 raise ConfigError(

@@ -231,6 +231,16 @@ def test_from_table_rejects_other_budget(profile_run, tiny_suite, tmp_path):
         run(args)
 
 
+def test_from_table_rejects_mixed_budgets(profile_run, tiny_suite, tmp_path):
+    table = _copy_table(profile_run, tmp_path)
+    frame = pd.read_csv(table)
+    frame.loc[0, "budget"] = 20
+    frame.to_csv(table, index=False)
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"mixes budget values \[5, 20\]"):
+        run(_rebuild_args(tiny_suite, tmp_path, table, "--records-suite", "tiny"))
+
+
 def test_from_table_unknown_records_folder(profile_run, tiny_suite, tmp_path):
     table = _copy_table(profile_run, tmp_path)
     (tmp_path / "runs" / "games").mkdir(parents=True)
