@@ -81,6 +81,11 @@ COLUMNS = [
     "dataset", "n_items", "method", "outcome", "steps", "step_s", "epoch_s", "best_s", "distill_s",
     "peak_rss_mib", "distill_rss_mib", "epoch_vs_foster", "best_vs_foster", "memory_vs_foster",
 ]
+# Last sentence of the note above a profile table.
+LEGEND = (
+    "epoch_s = step_s x training sequences / real batch; distill_rss_mib = peak RSS during distill minus RSS "
+    "at its start; *_vs_foster = value / FOSTER's value.\n"
+)
 
 
 def _names(text: str) -> list[str]:
@@ -457,12 +462,6 @@ def run(args: argparse.Namespace) -> int:
     )
     write_tables(frame, args.out / "profile" / "profile.csv", note + _records_note(args, budget, seq_len) + LEGEND)
     return 0 if (frame["outcome"] == "ok").all() else 1
-
-
-LEGEND = (
-    "epoch_s = step_s x training sequences / real batch; distill_rss_mib = peak RSS during distill minus RSS "
-    "at its start; *_vs_foster = value / FOSTER's value.\n"
-)
 
 
 def _records_note(args: argparse.Namespace, budget: int, seq_len: int) -> str:
