@@ -140,6 +140,17 @@ def test_builtin_quickstart_loads():
     assert suite.datasets == ("ml-100k",)
 
 
+@pytest.mark.parametrize("name", ["steam", "games", "food"])
+def test_dataset_suites_share_one_protocol(name):
+    # The cost profile compares time to best across these three suites, which
+    # holds only while everything but the dataset is the same.
+    suite, games = load_suite(name), load_suite("games")
+    assert suite.datasets == (name,)
+    for field in ("methods", "budgets", "seq_len", "seeds", "protocol",
+                  "encoder", "expert", "method_configs"):
+        assert getattr(suite, field) == getattr(games, field), field
+
+
 def test_unknown_suite_name_lists_builtin():
     with pytest.raises(ConfigError, match="quickstart"):
         load_suite("quickstrat")
