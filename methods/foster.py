@@ -58,6 +58,15 @@ field. This module also makes these choices:
   NOTE: the tracked items enlarge ``B`` by up to ``m * L`` items, so
   ``subset_size`` no longer bounds a step's cost (in ``tune-top-k`` mode the
   top layers encode them too).
+* Optionally (``item_bias``), every row's logits get a learned offset ``b_j``
+  per catalogue item, shared by all rows and zero at the start:
+  ``p_{a,t}(j) = softmax_{j in C}(<z_{a,t}, t_j> / tau + b_j)``. A latent row
+  puts its mass on items whose text is close to it, and popular items need not
+  be close to each other in text, so ``Z`` alone cannot give every row a
+  popularity prior. The offsets can. They are updated by the same objective as ``Z`` with their own
+  Adam optimiser. A step's gradient reaches only the entries of its ``B``;
+  Adam's momentum keeps moving an entry for a few steps after it leaves
+  ``B``. They are exported with ``Z`` and add ``n`` floats to the stored size.
 * In ``tune-top-k`` mode the trained top encoder layers belong to ``theta``
   and train in its step. ``theta'`` and ``Z`` read their vectors detached, the
   layers run without dropout, and a learner reset leaves them as they are,
@@ -106,16 +115,27 @@ _LOG_EPS = 1e-8
 
 @register_expander(EXPANDER)
 def expand_latent(factors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Map FOSTER factors to logits ``<z, t_j> / tau`` over the full catalogue, ``(m, L, n)``."""
-    return factors["z"] @ factors["item_vectors"].T / factors["tau"]
+    """Map FOSTER factors to logits ``<z, t_j> / tau (+ b_j)`` over the full catalogue, ``(m, L, n)``."""
+    logits = factors["z"] @ factors["item_vectors"].T / factors["tau"]
+    if "item_bias" in factors:
+        logits = logits + factors["item_bias"]
+    return logits
 
 
 # Components -----------------------------------------------------------------
 
 
-def synthetic_rows(z: torch.Tensor, item_vectors: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Return the probability rows ``(m, L, |C|)`` of latents ``z`` over the items of ``item_vectors``."""
-    return torch.softmax(z @ item_vectors.T / temperature, dim=-1)
+def synthetic_rows(
+    z: torch.Tensor, item_vectors: torch.Tensor, temperature: float, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Return the probability rows ``(m, L, |C|)`` of latents ``z`` over the items of ``item_vectors``.
+
+    ``bias``, if given, is a logit offset per item of ``item_vectors``, shared by all rows.
+    """
+    logits = z @ item_vectors.T / temperature
+    if bias is not None:
+        logits = logits + bias
+    return torch.softmax(logits, dim=-1)
 
 
 def cooc_target(item_vectors: torch.Tensor, top_k: int, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,6 +331,12 @@ class FosterRun:
         self.initial_ids = np.zeros((0, budget.seq_len), dtype=np.int64)
         self.z = self._initial_latents(train, eligible, context)
         self.z_optimizer = torch.optim.Adam([self.z], lr=config.lr_data)
+        # Shared logit offset per catalogue item (``item_bias``); None when the option is off.
+        self.bias: torch.Tensor | None = None
+        self.bias_optimizer = None
+        if config.item_bias:
+            self.bias = torch.zeros(self.n_items, requires_grad=True)
+            self.bias_optimizer = torch.optim.Adam([self.bias], lr=config.lr_bias)
         self.last_items = torch.zeros(0, dtype=torch.long)
         # 0-based top item of every synthetic row, flattened (see ``subset_row_tops``).
         self.row_tops = torch.from_numpy(self.initial_ids.reshape(-1) - 1)
@@ -403,10 +429,17 @@ class FosterRun:
         """Set each row's tracked top item to its argmax over ``items`` (``rows`` are over ``items``)."""
         self.row_tops = items[rows.detach().reshape(-1, rows.shape[-1]).argmax(dim=-1)]
 
-    def learner_rows(self, text: torch.Tensor) -> torch.Tensor:
+    def subset_bias(self, items: torch.Tensor) -> torch.Tensor | None:
+        """Return the item-bias entries of ``items`` (a view in the graph of the bias), or None."""
+        return None if self.bias is None else self.bias[items]
+
+    def learner_rows(self, text: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Return the synthetic rows over ``B`` as the learner updates read them: no graph to Z or text."""
         with torch.no_grad():
-            return synthetic_rows(self.z.detach(), text.detach(), self.config.temperature)
+            bias = self.subset_bias(items)
+            return synthetic_rows(
+                self.z.detach(), text.detach(), self.config.temperature, None if bias is None else bias.detach()
+            )
 
     def aux_loss(self, rows: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Return ``L_syn(theta'; S)`` over ``B``."""
@@ -448,7 +481,7 @@ class FosterRun:
         respect to ``Z`` alone, so this update changes no learner or encoder.
         """
         text = text.detach()
-        rows = synthetic_rows(self.z, text, self.config.temperature)
+        rows = synthetic_rows(self.z, text, self.config.temperature, self.subset_bias(items))
         main, aux = self.learners.main, self.learners.aux
         modes = (main.training, aux.training)
         main.eval()
@@ -483,7 +516,7 @@ class FosterRun:
         self.last_items = items
         local = local_ids(batch, items)
         text = self.item_text.vectors(items)
-        rows = self.learner_rows(text)
+        rows = self.learner_rows(text, items)
         if config.subset_row_tops:
             self.track_row_tops(rows, items)
 
@@ -508,14 +541,21 @@ class FosterRun:
 
         objective, gap, cooc = self.data_loss(items, text, penalty)
         self._check("the synthetic-data objective", objective, step)
-        (grad,) = torch.autograd.grad(objective, [self.z])
+        if self.bias is None:
+            (grad,) = torch.autograd.grad(objective, [self.z])
+        else:
+            grad, self.bias.grad = torch.autograd.grad(objective, [self.z, self.bias])
+            self.bias_optimizer.step()
+            self.bias.grad = None
         self.z.grad = grad
         self.z_optimizer.step()
         self.z.grad = None
-        if not bool(torch.isfinite(self.z).all()):
+        finite = bool(torch.isfinite(self.z).all()) and (self.bias is None or bool(torch.isfinite(self.bias).all()))
+        if not finite:
             raise FloatingPointError(
-                f"foster: synthetic latents Z became NaN or infinite at step {step}; lower lr_data "
-                f"(now {config.lr_data}) or raise temperature (now {config.temperature})"
+                f"foster: synthetic latents Z or item offsets became NaN or infinite at step {step}; lower "
+                f"lr_data (now {config.lr_data}) or lr_bias (now {config.lr_bias}), or raise temperature "
+                f"(now {config.temperature})"
             )
         return {
             "real": real.item(), "syn": syn.item(), "aux_syn": aux.item(), "gap": gap.item(),
@@ -542,6 +582,8 @@ class FosterRun:
             "item_vectors": self.all_item_vectors(),
             "tau": torch.tensor(float(self.config.temperature)),
         }
+        if self.bias is not None:
+            factors["item_bias"] = self.bias.detach().clone()
         return SyntheticSet(
             kind="soft", n_items=self.n_items, factors=factors, shared=("item_vectors",), expander=EXPANDER
         )
@@ -585,6 +627,13 @@ class Foster(Method):
                 (chosen: on games at 20 sequences over 3 seeds, the tracked top
                 items raised test Recall@10 from 0.0360 to 0.0390, as much as
                 each row's exact top item did).
+            item_bias: add a learned logit offset ``b_j`` per catalogue item
+                to every row (see the module docstring). Off by default, which is
+                the paper's parametrisation (chosen).
+            lr_bias: Adam learning rate of the offsets ``b`` (chosen: with unit
+                text vectors the row logits lie within about +-20 at ``tau``
+                0.05, and Adam moves an offset by at most about ``lr_bias`` per
+                step, so 0.05 allows a few nats within a 200-step run).
             temperature: ``tau`` of the row softmax over ``<z, t_j>`` (chosen:
                 with unit text vectors, 0.05 turns a cosine gap of 0.2 into 4 logits).
             init_noise: standard deviation of the Gaussian noise added to each
@@ -634,6 +683,8 @@ class Foster(Method):
         clip_subset: bool = False
         use_subset: bool = True
         subset_row_tops: bool = added_field(False, reason="each synthetic row's top item joins the subset B")
+        item_bias: bool = added_field(False, reason="rows get a learned logit offset per item")
+        lr_bias: float = added_field(0.05, reason="Adam learning rate of the item logit offsets")
         temperature: float = 0.05
         init_noise: float = 0.01
         lr_data: float = 3e-4
@@ -666,6 +717,7 @@ class Foster(Method):
                 raise ConfigError(
                     "foster: subset_row_tops=true needs use_subset=true; without subsets every item is in B already"
                 )
+            check_range(where, "lr_bias", self.lr_bias, low=0.0, low_open=True)
             check_range(where, "temperature", self.temperature, low=0.0, low_open=True)
             check_range(where, "init_noise", self.init_noise, low=0.0)
             check_range(where, "lr_data", self.lr_data, low=0.0, low_open=True)
@@ -712,11 +764,16 @@ class Foster(Method):
             ),
             "cooc_weight": lambda: trial.suggest_float("cooc_weight", 1e-3, 1.0, log=True),
             "cooc_top_k": lambda: trial.suggest_int("cooc_top_k", 2, 50, log=True),
-            # Drawn last, so a trial's first draws match those made before the field existed. A seeded
-            # study still proposes other configs than before from its second trial on.
+            # Fields added later are drawn last, so a trial's first draws match those made before they
+            # existed. A seeded study still proposes other configs than before from its second trial on.
             "subset_row_tops": lambda: trial.suggest_categorical("subset_row_tops", [False, True]),
+            "item_bias": lambda: trial.suggest_categorical("item_bias", [False, True]),
         }
-        return {name: draw() for name, draw in suggest.items() if name not in cls.untuned}
+        overrides = {name: draw() for name, draw in suggest.items() if name not in cls.untuned}
+        if overrides.get("item_bias") and "lr_bias" not in cls.untuned:
+            # Drawn only with the offsets on, because lr_bias has no effect without them.
+            overrides["lr_bias"] = trial.suggest_float("lr_bias", 1e-3, 0.5, log=True)
+        return overrides
 
     def distill(self, train, budget: Budget | None, context) -> SyntheticSet:
         """Distil ``budget.n_sequences`` latent sequences of length ``budget.seq_len``.
@@ -784,6 +841,7 @@ class Foster(Method):
             "subset_size": run.subset_size,
             "use_subset": config.use_subset,
             "subset_row_tops": config.subset_row_tops,
+            "item_bias": config.item_bias,
             "mean_subset_items": subset_items / config.steps,
             "encoder_mode": config.encoder_mode,
             "top_k": config.top_k,

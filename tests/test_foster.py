@@ -248,27 +248,33 @@ def _step_inputs(run):
     return items, local_ids(batch, items), text
 
 
-def test_aux_learner_loss_has_no_path_to_z(steam_cache):
-    run = _run(steam_cache)
-    _, local, text = _step_inputs(run)
-    loss = run.aux_loss(run.learner_rows(text), text)
+def _data_tensors(run):
+    return [run.z] if run.bias is None else [run.z, run.bias]
+
+
+@pytest.mark.parametrize("item_bias", [False, True])
+def test_aux_learner_loss_has_no_path_to_z(steam_cache, item_bias):
+    run = _run(steam_cache, item_bias=item_bias)
+    items, local, text = _step_inputs(run)
+    loss = run.aux_loss(run.learner_rows(text, items), text)
     assert loss.requires_grad
-    assert torch.autograd.grad(loss, [run.z], allow_unused=True)[0] is None
+    assert torch.autograd.grad(loss, _data_tensors(run), allow_unused=True) == (None,) * len(_data_tensors(run))
 
 
-def test_main_learner_loss_has_no_path_to_z(steam_cache):
-    run = _run(steam_cache)
-    _, local, text = _step_inputs(run)
-    total, _, _ = run.main_loss(local, run.learner_rows(text), text, penalty=5.0)
+@pytest.mark.parametrize("item_bias", [False, True])
+def test_main_learner_loss_has_no_path_to_z(steam_cache, item_bias):
+    run = _run(steam_cache, item_bias=item_bias)
+    items, local, text = _step_inputs(run)
+    total, _, _ = run.main_loss(local, run.learner_rows(text, items), text, penalty=5.0)
     assert total.requires_grad
-    assert torch.autograd.grad(total, [run.z], allow_unused=True)[0] is None
+    assert torch.autograd.grad(total, _data_tensors(run), allow_unused=True) == (None,) * len(_data_tensors(run))
 
 
 def test_learner_update_leaves_z_unchanged(steam_cache):
     run = _run(steam_cache)
     before = run.z.detach().clone()
-    _, local, text = _step_inputs(run)
-    total, _, _ = run.main_loss(local, run.learner_rows(text), text, penalty=5.0)
+    items, local, text = _step_inputs(run)
+    total, _, _ = run.main_loss(local, run.learner_rows(text, items), text, penalty=5.0)
     total.backward()
     run.learners.main_optimizer.step()
     assert run.z.grad is None
@@ -456,6 +462,39 @@ def test_output_storage_counts_latents_only(steam_cache):
     assert len(out.meta["decoded_item_ids"]) == 4
 
 
+def test_item_bias_output_rows_and_round_trip(steam_cache, tmp_path):
+    out = build_method("foster", {**FAST, "item_bias": True}).distill(
+        steam_cache.data.train_view(), Budget(4, 6), _context(steam_cache)
+    )
+    n_items, dim = steam_cache.data.n_items, steam_cache.text_vectors().shape[1]
+    bias = out.factors["item_bias"]
+    assert bias.shape == (n_items,) and bool((bias != 0).any())
+    expected = synthetic_rows(out.factors["z"], steam_cache.text_vectors(), float(out.factors["tau"]), bias)
+    assert torch.allclose(out.soft_probs(), expected, atol=1e-6)
+    # The offsets are stored with the latents; the text vectors stay shared.
+    assert out.storage_bytes == 4 * 6 * dim * 4 + 4 + n_items * 4
+    out.save(tmp_path / "set.pt")
+    loaded = SyntheticSet.load(tmp_path / "set.pt")
+    assert torch.equal(loaded.factors["item_bias"], bias)
+    assert torch.equal(loaded.soft_probs(), out.soft_probs())
+
+
+def test_item_bias_first_update_touches_subset_items_only(steam_cache):
+    run = _run(steam_cache, item_bias=True)
+    run.step(1)
+    inside = torch.zeros(run.n_items, dtype=torch.bool)
+    inside[run.last_items] = True
+    bias = run.bias.detach()
+    assert bool((bias[~inside] == 0).all())
+    assert bool((bias[inside] != 0).any())
+
+
+def test_item_bias_off_adds_no_factor(steam_cache):
+    run = _run(steam_cache)
+    assert run.bias is None
+    assert "item_bias" not in run.candidate().factors
+
+
 def test_output_meta_fields(steam_cache):
     out = build_method("foster", FAST).distill(steam_cache.data.train_view(), Budget(4, 6), _context(steam_cache))
     for key in ("steps", "step_wall_s", "real_batch", "probe_history", "best_step", "subset_size",
@@ -520,7 +559,9 @@ def test_ablation_rejects_its_component(name, field):
         build_method(name, {field: True})
 
 
-@pytest.mark.parametrize("field, value", [("temperature", 0.0), ("subset_size", 0), ("encoder_mode", "tuned")])
+@pytest.mark.parametrize(
+    "field, value", [("temperature", 0.0), ("subset_size", 0), ("encoder_mode", "tuned"), ("lr_bias", 0.0)]
+)
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ConfigError, match=field):
         build_method("foster", {field: value})
@@ -541,6 +582,20 @@ def test_search_space_never_lowers_penalty():
         build_method("foster", overrides)
 
 
+def test_lr_bias_drawn_only_with_item_bias():
+    import optuna
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(30):
+        trial = study.ask()
+        overrides = get_method("foster").search_space(trial)
+        seen.add(overrides["item_bias"])
+        assert ("lr_bias" in overrides) == overrides["item_bias"]
+        assert ("lr_bias" in trial.params) == overrides["item_bias"]
+    assert seen == {False, True}
+
+
 def test_search_space_skips_ablated_fields():
     import optuna
 
@@ -548,9 +603,10 @@ def test_search_space_skips_ablated_fields():
         "steps": 200, "real_batch": 128, "subset_size": 256, "temperature": 0.05, "init_noise": 0.01,
         "lr_data": 0.003, "lr_learner": 0.001, "inner_steps": 2, "reset_every": 40, "expert_epoch_min": 1,
         "penalty_start": 1.0, "penalty_end": 10.0, "cooc_weight": 0.1, "cooc_top_k": 10,
-        "subset_row_tops": True,
+        "subset_row_tops": True, "item_bias": False,
     })
     assert "subset_size" in get_method("foster").search_space(trial)
+    assert "lr_bias" not in get_method("foster").search_space(trial)
     assert "subset_row_tops" in get_method("foster").search_space(trial)
     assert "subset_size" not in get_method("foster-no-subset").search_space(trial)
     assert "subset_row_tops" not in get_method("foster-no-subset").search_space(trial)
@@ -666,10 +722,12 @@ def test_frozen_training_ignores_encoder_args(steam_cache):
     assert dataclasses.replace(protocol).hash() == protocol.hash()
 
 
-def test_row_tops_omitted_from_records():
+def test_added_fields_omitted_from_records():
     config_cls = get_method("foster").Config
     default = record_config(config_cls())
-    # Records made before the field existed keep their keys while it is off.
-    assert default == {k: v for k, v in config_dict(config_cls()).items() if k != "subset_row_tops"}
+    # Records made before these fields existed keep their keys while the fields keep their defaults.
+    added = {"subset_row_tops", "item_bias", "lr_bias"}
+    assert default == {k: v for k, v in config_dict(config_cls()).items() if k not in added}
+    assert record_config(config_cls(item_bias=True))["item_bias"] is True
     assert record_config(config_cls(subset_row_tops=True))["subset_row_tops"] is True
     assert stable_hash(default) != stable_hash(record_config(config_cls(subset_row_tops=True)))
