@@ -63,10 +63,11 @@ field. This module also makes these choices:
   ``p_{a,t}(j) = softmax_{j in C}(<z_{a,t}, t_j> / tau + b_j)``. A latent row
   puts its mass on items whose text is close to it, and popular items need not
   be close to each other in text, so ``Z`` alone cannot give every row a
-  popularity prior. The offsets can. They are updated by the same objective as ``Z`` with their own
-  Adam optimiser. A step's gradient reaches only the entries of its ``B``;
-  Adam's momentum keeps moving an entry for a few steps after it leaves
-  ``B``. They are exported with ``Z`` and add ``n`` floats to the stored size.
+  popularity prior. The offsets can. They are updated by the same objective
+  as ``Z`` with their own Adam optimiser. A step's gradient reaches only the
+  entries of its ``B``, but Adam's momentum keeps moving an entry for a few
+  steps after it leaves ``B``. They are exported with ``Z`` and add ``n``
+  floats to the stored size.
 * In ``tune-top-k`` mode the trained top encoder layers belong to ``theta``
   and train in its step. ``theta'`` and ``Z`` read their vectors detached, the
   layers run without dropout, and a learner reset leaves them as they are,
@@ -116,26 +117,30 @@ _LOG_EPS = 1e-8
 @register_expander(EXPANDER)
 def expand_latent(factors: dict[str, torch.Tensor]) -> torch.Tensor:
     """Map FOSTER factors to logits ``<z, t_j> / tau (+ b_j)`` over the full catalogue, ``(m, L, n)``."""
-    logits = factors["z"] @ factors["item_vectors"].T / factors["tau"]
-    if "item_bias" in factors:
-        logits = logits + factors["item_bias"]
-    return logits
+    return row_logits(factors["z"], factors["item_vectors"], factors["tau"], factors.get("item_bias"))
 
 
 # Components -----------------------------------------------------------------
 
 
-def synthetic_rows(
-    z: torch.Tensor, item_vectors: torch.Tensor, temperature: float, bias: torch.Tensor | None = None
+def row_logits(
+    z: torch.Tensor, item_vectors: torch.Tensor, temperature, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Return the probability rows ``(m, L, |C|)`` of latents ``z`` over the items of ``item_vectors``.
+    """Return the logits ``(m, L, |C|)`` of latents ``z`` over the items of ``item_vectors``.
 
     ``bias``, if given, is a logit offset per item of ``item_vectors``, shared by all rows.
     """
     logits = z @ item_vectors.T / temperature
     if bias is not None:
         logits = logits + bias
-    return torch.softmax(logits, dim=-1)
+    return logits
+
+
+def synthetic_rows(
+    z: torch.Tensor, item_vectors: torch.Tensor, temperature: float, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Return the probability rows ``(m, L, |C|)``, the softmax of :func:`row_logits`."""
+    return torch.softmax(row_logits(z, item_vectors, temperature, bias), dim=-1)
 
 
 def cooc_target(item_vectors: torch.Tensor, top_k: int, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
@@ -331,7 +336,7 @@ class FosterRun:
         self.initial_ids = np.zeros((0, budget.seq_len), dtype=np.int64)
         self.z = self._initial_latents(train, eligible, context)
         self.z_optimizer = torch.optim.Adam([self.z], lr=config.lr_data)
-        # Shared logit offset per catalogue item (``item_bias``); None when the option is off.
+        # Shared logit offset per catalogue item (``item_bias``), or None when the option is off.
         self.bias: torch.Tensor | None = None
         self.bias_optimizer = None
         if config.item_bias:
@@ -430,16 +435,13 @@ class FosterRun:
         self.row_tops = items[rows.detach().reshape(-1, rows.shape[-1]).argmax(dim=-1)]
 
     def subset_bias(self, items: torch.Tensor) -> torch.Tensor | None:
-        """Return the item-bias entries of ``items`` (a view in the graph of the bias), or None."""
+        """Return the offsets of ``items``, differentiable in the bias, or None when the option is off."""
         return None if self.bias is None else self.bias[items]
 
     def learner_rows(self, text: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Return the synthetic rows over ``B`` as the learner updates read them: no graph to Z or text."""
         with torch.no_grad():
-            bias = self.subset_bias(items)
-            return synthetic_rows(
-                self.z.detach(), text.detach(), self.config.temperature, None if bias is None else bias.detach()
-            )
+            return synthetic_rows(self.z.detach(), text.detach(), self.config.temperature, self.subset_bias(items))
 
     def aux_loss(self, rows: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Return ``L_syn(theta'; S)`` over ``B``."""

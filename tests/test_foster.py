@@ -468,7 +468,8 @@ def test_item_bias_output_rows_and_round_trip(steam_cache, tmp_path):
     )
     n_items, dim = steam_cache.data.n_items, steam_cache.text_vectors().shape[1]
     bias = out.factors["item_bias"]
-    assert bias.shape == (n_items,) and bool((bias != 0).any())
+    assert bias.shape == (n_items,)
+    assert bool((bias != 0).any())
     expected = synthetic_rows(out.factors["z"], steam_cache.text_vectors(), float(out.factors["tau"]), bias)
     assert torch.allclose(out.soft_probs(), expected, atol=1e-6)
     # The offsets are stored with the latents; the text vectors stay shared.
