@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="summary JSON written by 'tune', or a folder of them (e.g. reports/tune); cells of "
                           "the same dataset, method and budget run with the study's best config, and the "
                           "leaderboard shows its trials; repeatable")
+    run.add_argument("--drop-archived", action="store_true",
+                     help="write the leaderboard from this output folder's records alone, dropping the rows of "
+                          "the earlier cells.csv that have no record (kept by default)")
     run.add_argument("--out", type=Path, default=Path("reports"),
                      help="output folder for records, caches and leaderboards (default: reports)")
     _add_data_options(run)
@@ -121,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="rebuild a suite's leaderboard from its records")
     report.add_argument("--suite", default="quickstart", help="suite name (records folder under OUT/runs)")
     report.add_argument("--out", type=Path, default=Path("reports"), help="output folder (default: reports)")
+    report.add_argument("--drop-archived", action="store_true",
+                        help="build the leaderboard from the records alone, dropping the rows of the earlier "
+                             "cells.csv that have no record (kept by default)")
 
     from bench import profile
 
@@ -134,7 +140,7 @@ def _configure_logging(verbosity: int) -> None:
 
 
 def _cmd_run(args) -> int:
-    from bench.report import render_markdown, write_reports
+    from bench.report import read_archived_cells, render_markdown, write_reports
     from bench.runner import load_suite, run_suite
 
     overrides = _parse_set(args.set)
@@ -157,11 +163,16 @@ def _cmd_run(args) -> int:
         from bench.tune import load_tuned
 
         tuned = load_tuned(args.tuned)
+    folder = args.out / suite.name
+    if not args.drop_archived:
+        # Read once before the run, so a broken table stops the command before hours of work.
+        read_archived_cells(folder / "cells.csv")
     records = run_suite(suite, data_dir=args.data_dir, data_home=args.data_home, out_dir=args.out, tuned=tuned)
     elapsed = time.perf_counter() - start
-    folder = args.out / suite.name
-    paths = write_reports(records, folder, title=f"Leaderboard: suite {suite.name}")
-    print(render_markdown(records))
+    # Read again: another run of the suite may have rewritten the table meanwhile.
+    archived = None if args.drop_archived else read_archived_cells(folder / "cells.csv")
+    paths = write_reports(records, folder, title=f"Leaderboard: suite {suite.name}", archived=archived)
+    print(render_markdown(records, archived=archived))
     print(f"Wrote {', '.join(str(path) for path in paths.values())}.")
     print(f"Suite {suite.name} finished in {elapsed:.1f} s.")
     not_ok = [r for r in records if r.get("outcome") != "ok"]
@@ -234,13 +245,16 @@ def _cmd_list(args) -> int:
 
 def _cmd_report(args) -> int:
     from bench.records import read_records
-    from bench.report import render_markdown, write_reports
+    from bench.report import read_archived_cells, render_markdown, write_reports
 
     records = read_records(args.out / "runs" / args.suite)
-    if not records:
-        raise BenchError(f"no records under {args.out / 'runs' / args.suite}; run the suite first")
-    paths = write_reports(records, args.out / args.suite, title=f"Leaderboard: suite {args.suite}")
-    print(render_markdown(records))
+    folder = args.out / args.suite
+    archived = None if args.drop_archived else read_archived_cells(folder / "cells.csv")
+    if not records and archived is None:
+        raise BenchError(f"no records under {args.out / 'runs' / args.suite} and no {folder / 'cells.csv'}; "
+                         "run the suite first")
+    paths = write_reports(records, folder, title=f"Leaderboard: suite {args.suite}", archived=archived)
+    print(render_markdown(records, archived=archived))
     print(f"Wrote {', '.join(str(path) for path in paths.values())}.")
     return 0
 

@@ -6,6 +6,12 @@ the same budget, costs, and the tuning trials spent on the row's config (0
 for a default or suite config). Records that differ in protocol, dataset
 fingerprint or hardware are never ranked in one table: each combination gets
 its own table, and a note explains why there are several.
+
+Records live under an ignored folder, while the generated ``cells.csv`` is
+committed beside each leaderboard. When a leaderboard is rewritten, the rows
+of the earlier ``cells.csv`` whose cell has no record (for instance on a fresh
+clone, or on another machine) are kept as archived cells, so extending a
+leaderboard never drops results measured elsewhere.
 """
 
 from __future__ import annotations
@@ -18,10 +24,16 @@ import pandas as pd
 from tabulate import tabulate
 
 from bench.config import stable_hash
+from bench.errors import BenchError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_METRICS = ("recall@10", "ndcg@10")
+
+# Columns that identify one cell; a record and an archived row with equal values are the same cell.
+CELL_KEY = ("dataset", "fingerprint", "protocol", "hardware", "method", "config", "budget", "seq_len", "seed")
+_TEXT_COLUMNS = ("dataset", "fingerprint", "protocol", "hardware", "method", "config", "family", "outcome", "error",
+                 "users")
 
 
 def records_frame(records: list[dict]) -> pd.DataFrame:
@@ -57,6 +69,59 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
                 row[f"{split}_{name}"] = value
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def read_archived_cells(path: Path) -> pd.DataFrame | None:
+    """Read the ``cells.csv`` an earlier report wrote, or return None if there is none.
+
+    Hashes are read as text, so a label made only of digits keeps its leading zeros.
+
+    Raises:
+        BenchError: if the file cannot be parsed or lacks a cell-key column.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        frame = pd.read_csv(path, dtype={name: str for name in _TEXT_COLUMNS})
+    except (OSError, ValueError) as exc:
+        raise BenchError(f"cannot read the earlier per-cell table {path}: {exc}. Repair or delete it, or pass "
+                         "--drop-archived to write the leaderboard from the records alone") from exc
+    missing = [name for name in (*CELL_KEY, "outcome") if name not in frame.columns]
+    if missing:
+        raise BenchError(f"the earlier per-cell table {path} lacks the columns {missing}. Repair or delete it, "
+                         "or pass --drop-archived to write the leaderboard from the records alone")
+    return frame
+
+
+def _cell_keys(frame: pd.DataFrame) -> list[tuple]:
+    """Return one hashable key per row; numbers become floats and a missing budget or seed becomes -1."""
+    columns = []
+    for name in CELL_KEY:
+        values = frame[name] if name in frame.columns else pd.Series([None] * len(frame), index=frame.index)
+        if name in ("budget", "seq_len", "seed"):
+            columns.append(pd.to_numeric(values, errors="coerce").fillna(-1).astype(float).tolist())
+        else:
+            columns.append(values.fillna("").astype(str).tolist())
+    return list(zip(*columns))
+
+
+def cells_frame(records: list[dict], archived: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Return the per-cell rows of ``records`` plus the archived rows whose cell has no record.
+
+    A record replaces the archived row of the same cell, so a cell that is run
+    again shows its new result.
+    """
+    frame = records_frame(records)
+    if archived is None or archived.empty:
+        return frame
+    have = set(_cell_keys(frame)) if len(frame) else set()
+    keep = archived[[key not in have for key in _cell_keys(archived)]]
+    if keep.empty:
+        return frame
+    logger.info("kept %d archived cells without a record (hardware: %s)", len(keep),
+                ", ".join(sorted(keep["hardware"].fillna("unknown").astype(str).unique())))
+    return pd.concat([frame, keep], ignore_index=True) if len(frame) else keep.reset_index(drop=True)
 
 
 def _config_label(record: dict) -> str:
@@ -122,11 +187,12 @@ def _aggregate(frame: pd.DataFrame, metrics) -> pd.DataFrame:
     return table
 
 
-def leaderboards(records: list[dict], metrics=DEFAULT_METRICS) -> list[tuple[dict, pd.DataFrame]]:
-    """Aggregate records into one table per (dataset, fingerprint, protocol, hardware) group."""
-    if not records:
+def leaderboards(records: list[dict], metrics=DEFAULT_METRICS,
+                 archived: pd.DataFrame | None = None) -> list[tuple[dict, pd.DataFrame]]:
+    """Aggregate records (and archived cells) into one table per (dataset, fingerprint, protocol, hardware) group."""
+    frame = cells_frame(records, archived)
+    if frame.empty:
         return []
-    frame = records_frame(records)
     out = []
     keys = ["dataset", "fingerprint", "protocol", "hardware"]
     for values, group in frame.groupby(keys, dropna=False, sort=True):
@@ -178,9 +244,10 @@ def _headers(metrics) -> list[str]:
     )
 
 
-def render_markdown(records: list[dict], metrics=DEFAULT_METRICS, title: str | None = None) -> str:
+def render_markdown(records: list[dict], metrics=DEFAULT_METRICS, title: str | None = None,
+                    archived: pd.DataFrame | None = None) -> str:
     """Render the leaderboard of every group as Markdown text."""
-    boards = leaderboards(records, metrics)
+    boards = leaderboards(records, metrics, archived)
     if not boards:
         return "No records yet.\n"
     parts = [f"# {title}\n"] if title else []
@@ -201,15 +268,20 @@ def render_markdown(records: list[dict], metrics=DEFAULT_METRICS, title: str | N
     return "\n".join(parts) + "\n"
 
 
-def write_reports(records: list[dict], folder: Path, metrics=DEFAULT_METRICS, title: str | None = None) -> dict:
-    """Write leaderboard.md, leaderboard.csv (per-cell rows: cells.csv) and leaderboard.tex."""
+def write_reports(records: list[dict], folder: Path, metrics=DEFAULT_METRICS, title: str | None = None,
+                  archived: pd.DataFrame | None = None) -> dict:
+    """Write leaderboard.md, leaderboard.csv (per-cell rows: cells.csv) and leaderboard.tex.
+
+    ``archived`` is usually :func:`read_archived_cells` of ``folder / "cells.csv"``,
+    read before this call overwrites it. Its rows without a record are kept.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    markdown = render_markdown(records, metrics, title)
+    markdown = render_markdown(records, metrics, title, archived)
     paths = {"markdown": folder / "leaderboard.md", "csv": folder / "leaderboard.csv",
              "cells": folder / "cells.csv", "latex": folder / "leaderboard.tex"}
     paths["markdown"].write_text(markdown, encoding="utf-8")
-    boards = leaderboards(records, metrics)
+    boards = leaderboards(records, metrics, archived)
     tables = []
     latex = []
     for info, table in boards:
@@ -219,7 +291,7 @@ def write_reports(records: list[dict], folder: Path, metrics=DEFAULT_METRICS, ti
                               disable_numparse=True, colalign=_alignment(metrics)))
     if tables:
         pd.concat(tables).to_csv(paths["csv"], index=False)
-        records_frame(records).to_csv(paths["cells"], index=False)
+        cells_frame(records, archived).to_csv(paths["cells"], index=False)
     paths["latex"].write_text("\n\n".join(latex) + "\n", encoding="utf-8")
     paths.update(_write_plots(boards, folder, metrics[0]))
     return paths

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from bench.cli import main
-from bench.report import leaderboards, render_markdown, write_reports
+from bench.errors import BenchError
+from bench.report import leaderboards, read_archived_cells, render_markdown, write_reports
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -148,3 +149,59 @@ def test_run_exits_one_when_a_cell_fails(shared_data, tmp_path, capsys):
     ])
     assert code == 1
     assert "1 of 1 cells failed or were capped" in capsys.readouterr().out
+
+
+def test_rewrite_keeps_archived_cells_without_records(tmp_path):
+    # A fresh clone has the committed cells.csv but none of the ignored records.
+    write_reports(RECORDS, tmp_path)
+    before = pd.read_csv(tmp_path / "cells.csv")
+    new = [_record("random", 20, 2, 0.08)]
+    write_reports(new, tmp_path, archived=read_archived_cells(tmp_path / "cells.csv"))
+    after = pd.read_csv(tmp_path / "cells.csv")
+    assert len(after) == len(before) + 1
+    (_, table), = leaderboards(new, archived=read_archived_cells(tmp_path / "cells.csv"))
+    random_row = table[table["method"] == "random"].iloc[0]
+    assert random_row["seeds"] == 3
+    assert random_row["recall@10_mean"] == pytest.approx(0.06)
+
+
+def test_record_replaces_archived_row_of_the_same_cell(tmp_path):
+    write_reports(RECORDS, tmp_path)
+    rerun = [_record("random", 20, 0, 0.10)]
+    archived = read_archived_cells(tmp_path / "cells.csv")
+    (_, table), = leaderboards(rerun, archived=archived)
+    random_row = table[table["method"] == "random"].iloc[0]
+    assert random_row["seeds"] == 2
+    assert random_row["recall@10_mean"] == pytest.approx(0.08)
+
+
+def test_archived_cells_on_other_hardware_rank_separately(tmp_path):
+    write_reports(RECORDS, tmp_path)
+    other = [_record("random", 20, 0, 0.5, cpu="cpu B")]
+    assert len(leaderboards(other, archived=read_archived_cells(tmp_path / "cells.csv"))) == 2
+
+
+def test_digit_only_labels_survive_the_archive(tmp_path):
+    # A config hash made of digits must not be read back as a number.
+    record = dict(copy.deepcopy(RECORDS[2]), method_config={"steps": 5})
+    write_reports([record], tmp_path)
+    frame = pd.read_csv(tmp_path / "cells.csv", dtype=str)
+    frame["config"] = "012345"
+    frame.to_csv(tmp_path / "cells.csv", index=False)
+    assert read_archived_cells(tmp_path / "cells.csv")["config"].tolist() == ["012345"]
+
+
+def test_broken_archive_names_the_file_and_the_fix(tmp_path):
+    (tmp_path / "cells.csv").write_text("method,seed\nrandom,0\n", encoding="utf-8")
+    with pytest.raises(BenchError, match="cells.csv lacks the columns.*--drop-archived"):
+        read_archived_cells(tmp_path / "cells.csv")
+    assert read_archived_cells(tmp_path / "missing.csv") is None
+
+
+def test_report_command_rebuilds_from_the_archive_alone(tmp_path, capsys):
+    write_reports(RECORDS, tmp_path / "games-suite")
+    (tmp_path / "games-suite" / "leaderboard.md").unlink()
+    assert main(["report", "--suite", "games-suite", "--out", str(tmp_path)]) == 0
+    assert "| random " in (tmp_path / "games-suite" / "leaderboard.md").read_text(encoding="utf-8")
+    assert main(["report", "--suite", "games-suite", "--out", str(tmp_path), "--drop-archived"]) == 2
+    assert "no records under" in capsys.readouterr().err
