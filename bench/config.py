@@ -107,34 +107,40 @@ def config_dict(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
 
-# Metadata key of a config field added after records existed; see :func:`added_field`.
+# Metadata keys of a config field added after records existed (see :func:`added_field`).
 ADDED_FIELD = "added_after_records"
+LEGACY_VALUE = "legacy_value"
 
 
-def added_field(default: Any, *, reason: str) -> Any:
+def added_field(default: Any, *, reason: str, legacy: Any = dataclasses.MISSING) -> Any:
     """Declare a config field that was added after run records of its method existed.
 
-    While such a field has its default value, :func:`record_config` leaves it out,
+    While such a field has its legacy value, :func:`record_config` leaves it out,
     so the records made before the field existed keep their cell keys and are
-    neither run again nor split into a second leaderboard row. The default must
-    therefore reproduce the behaviour from before the field was added.
+    neither run again nor split into a second leaderboard row. The legacy value
+    must therefore reproduce the behaviour from before the field was added.
 
     Args:
-        default: the value that keeps the earlier behaviour.
+        default: the field's default.
         reason: one line on what the field adds (kept in the field's metadata).
+        legacy: the value that keeps the earlier behaviour, when the default
+            differs from it. A default other than the legacy value enters every
+            record key, so records made with the field set to that value
+            explicitly keep their keys when it becomes the default.
     """
-    return dataclasses.field(default=default, metadata={ADDED_FIELD: reason})
+    legacy = default if legacy is dataclasses.MISSING else legacy
+    return dataclasses.field(default=default, metadata={ADDED_FIELD: reason, LEGACY_VALUE: legacy})
 
 
 def record_config(config: Any) -> dict[str, Any]:
     """Return the config as it enters run records and cell keys.
 
     This is :func:`config_dict` without the fields declared by
-    :func:`added_field` that are set to their default.
+    :func:`added_field` that are set to their legacy value.
     """
     data = config_dict(config)
     for field in dataclasses.fields(config):
-        if ADDED_FIELD in field.metadata and getattr(config, field.name) == field.default:
+        if ADDED_FIELD in field.metadata and getattr(config, field.name) == field.metadata[LEGACY_VALUE]:
             data.pop(field.name, None)
     return data
 

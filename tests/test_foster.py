@@ -154,7 +154,7 @@ def test_subset_holds_batch_items_and_n_random(steam_cache):
 
 
 def test_row_tops_join_the_same_draw(steam_cache):
-    plain = _run(steam_cache, subset_size=40)
+    plain = _run(steam_cache, subset_size=40, subset_row_tops=False)
     tracked = _run(steam_cache, subset_size=40, subset_row_tops=True)
     batch = plain.next_real_batch()
     assert torch.equal(batch, tracked.next_real_batch())
@@ -197,7 +197,7 @@ def test_row_tops_need_subsets():
 
 
 def test_row_tops_off_keeps_paper_subset(steam_cache):
-    run = _run(steam_cache, subset_size=40)
+    run = _run(steam_cache, subset_size=40, subset_row_tops=False)
     tops = run.row_tops.clone()
     run.step(1)
     assert torch.equal(run.row_tops, tops), "the tracker ran with subset_row_tops off"
@@ -725,10 +725,27 @@ def test_frozen_training_ignores_encoder_args(steam_cache):
 
 def test_added_fields_omitted_from_records():
     config_cls = get_method("foster").Config
-    default = record_config(config_cls())
-    # Records made before these fields existed keep their keys while the fields keep their defaults.
+    legacy = record_config(config_cls(subset_row_tops=False))
+    # Records made before these fields existed keep their keys while the fields keep their legacy values.
     added = {"subset_row_tops", "item_bias", "lr_bias"}
-    assert default == {k: v for k, v in config_dict(config_cls()).items() if k not in added}
+    assert legacy == {k: v for k, v in config_dict(config_cls()).items() if k not in added}
     assert record_config(config_cls(item_bias=True))["item_bias"] is True
-    assert record_config(config_cls(subset_row_tops=True))["subset_row_tops"] is True
-    assert stable_hash(default) != stable_hash(record_config(config_cls(subset_row_tops=True)))
+    assert stable_hash(legacy) != stable_hash(record_config(config_cls()))
+
+
+def test_default_row_tops_keep_explicit_key():
+    # The default turned subset_row_tops on; runs that had set it explicitly share the default's key.
+    config_cls = get_method("foster").Config
+    assert config_cls().subset_row_tops is True
+    default = record_config(config_cls())
+    assert default["subset_row_tops"] is True
+    assert default == record_config(config_cls(subset_row_tops=True))
+    legacy_label = stable_hash(record_config(config_cls(subset_row_tops=False)), length=6)
+    assert legacy_label == "7b72da"
+    assert stable_hash(default, length=6) == "394722"
+
+
+def test_no_subset_ablation_keeps_row_tops_off():
+    config = get_method("foster-no-subset").Config()
+    assert config.subset_row_tops is False
+    assert "subset_row_tops" not in record_config(config)
