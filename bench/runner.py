@@ -306,8 +306,12 @@ def make_probe(cache: SharedCache, protocol: Protocol, seed: int):
     return probe
 
 
-def run_cell(cell: Cell, suite: Suite, cache: SharedCache, method_config: dict | None, progress: bool) -> dict:
-    """Run one cell and return its record body (metrics, costs, outcome)."""
+def run_cell(cell: Cell, suite: Suite, cache: SharedCache, method_values: dict | None, progress: bool) -> dict:
+    """Run one cell and return its record body (metrics, costs, outcome).
+
+    ``method_values`` must name every config field: the record config leaves
+    out fields at their legacy value, which need not be their default.
+    """
     meter = CostMeter(device="cpu", wall_cap_s=suite.wall_cap_s, rss_cap_mib=suite.rss_cap_mib)
     body: dict[str, Any] = {"outcome": "ok", "error": None}
     try:
@@ -316,7 +320,7 @@ def run_cell(cell: Cell, suite: Suite, cache: SharedCache, method_config: dict |
                 result = evaluate_popularity(cache.data, suite.protocol)
             body.update(valid=result["valid"], test=result["test"], users=result["users"])
         else:
-            method = build_method(cell.method, method_config)
+            method = build_method(cell.method, method_values)
             text = cache.text_vectors()
             if method.needs_expert:
                 cache.expert()
@@ -391,6 +395,7 @@ def run_suite(
                 entry.check_matches(suite.protocol.hash(), data.fingerprint)
         for cell in expand_cells(suite, dataset):
             method_config = None
+            method_values = None
             tuning = None
             if cell.method != REFERENCE_POP:
                 method_cls = get_method(cell.method)
@@ -402,6 +407,7 @@ def run_suite(
                     applied.add(entry.key())
                 config = build_config(method_cls.Config, values, where=f"method {cell.method!r}")
                 method_config = record_config(config)
+                method_values = config_dict(config)
             key = cell_key(cell, suite, data.fingerprint, method_config, tuning)
             path = record_path(out_dir, suite, cell, key)
             if path.exists():
@@ -411,7 +417,7 @@ def run_suite(
                     logger.info("skip %s (finished: %s)", cell.label(), path.name)
                     continue
             start = time.perf_counter()
-            body = run_cell(cell, suite, cache, method_config, progress)
+            body = run_cell(cell, suite, cache, method_values, progress)
             record = {
                 "schema": RECORD_SCHEMA,
                 "key": key,

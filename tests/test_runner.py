@@ -71,6 +71,32 @@ def test_added_config_field_keeps_record_keys(shared_data, tmp_path, monkeypatch
     assert changed[0]["method_config"] == {"extra": True}
 
 
+def test_legacy_value_reaches_the_method(shared_data, tmp_path, monkeypatch):
+    # The record leaves a field out at its legacy value; the method must still get that value, not the default.
+    @dataclasses.dataclass(frozen=True)
+    class Config(RandomSubset.Config):
+        extra: bool = added_field(True, legacy=False, reason="a field whose default left the legacy value")
+
+    seen = []
+    original = RandomSubset.distill
+
+    def spy(self, train, budget, context):
+        seen.append(self.config.extra)
+        return original(self, train, budget, context)
+
+    monkeypatch.setattr(RandomSubset, "Config", Config)
+    monkeypatch.setattr(RandomSubset, "distill", spy)
+    suite = suite_from_mapping({**TINY, "methods": ["random"], "include_pop": False,
+                                "method": {"random": {"extra": False}}})
+    record = run_suite(suite, data_dir=shared_data, out_dir=tmp_path, progress=False)[0]
+    assert seen == [False]
+    assert record["method_config"] == {}
+    default_suite = suite_from_mapping({**TINY, "methods": ["random"], "include_pop": False})
+    records = run_suite(default_suite, data_dir=shared_data, out_dir=tmp_path, progress=False)
+    assert seen == [False, True]
+    assert {"extra": True} in [r["method_config"] for r in records]
+
+
 def test_budget_too_large_is_recorded_failure(shared_data, tmp_path):
     suite = suite_from_mapping({**TINY, "budgets": [100_000], "methods": ["random"], "include_pop": False})
     records = run_suite(suite, data_dir=shared_data, out_dir=tmp_path, progress=False)
