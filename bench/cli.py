@@ -140,7 +140,7 @@ def _configure_logging(verbosity: int) -> None:
 
 
 def _cmd_run(args) -> int:
-    from bench.report import read_archived_cells, render_markdown, write_reports
+    from bench.report import cells_frame, read_archived_cells, render_markdown, report_lock, write_reports
     from bench.runner import load_suite, run_suite
 
     overrides = _parse_set(args.set)
@@ -169,10 +169,17 @@ def _cmd_run(args) -> int:
         read_archived_cells(folder / "cells.csv")
     records = run_suite(suite, data_dir=args.data_dir, data_home=args.data_home, out_dir=args.out, tuned=tuned)
     elapsed = time.perf_counter() - start
-    # Read again: another run of the suite may have rewritten the table meanwhile.
-    archived = None if args.drop_archived else read_archived_cells(folder / "cells.csv")
-    paths = write_reports(records, folder, title=f"Leaderboard: suite {suite.name}", archived=archived)
-    print(render_markdown(records, archived=archived))
+    with report_lock(folder):
+        # Read again: another run of the suite may have rewritten the table meanwhile.
+        try:
+            archived = None if args.drop_archived else read_archived_cells(folder / "cells.csv")
+        except BenchError as exc:
+            raise BenchError(f"{exc} The run's records are saved under {args.out / 'runs' / suite.name}: after "
+                             f"the repair, 'python -m bench report --suite {suite.name}' writes the leaderboard."
+                             ) from exc
+        frame = cells_frame(records, archived)
+        paths = write_reports(frame, folder, title=f"Leaderboard: suite {suite.name}")
+    print(render_markdown(frame))
     print(f"Wrote {', '.join(str(path) for path in paths.values())}.")
     print(f"Suite {suite.name} finished in {elapsed:.1f} s.")
     not_ok = [r for r in records if r.get("outcome") != "ok"]
@@ -245,16 +252,18 @@ def _cmd_list(args) -> int:
 
 def _cmd_report(args) -> int:
     from bench.records import read_records
-    from bench.report import read_archived_cells, render_markdown, write_reports
+    from bench.report import cells_frame, read_archived_cells, render_markdown, report_lock, write_reports
 
-    records = read_records(args.out / "runs" / args.suite)
     folder = args.out / args.suite
-    archived = None if args.drop_archived else read_archived_cells(folder / "cells.csv")
-    if not records and archived is None:
-        raise BenchError(f"no records under {args.out / 'runs' / args.suite} and no {folder / 'cells.csv'}; "
-                         "run the suite first")
-    paths = write_reports(records, folder, title=f"Leaderboard: suite {args.suite}", archived=archived)
-    print(render_markdown(records, archived=archived))
+    with report_lock(folder):
+        records = read_records(args.out / "runs" / args.suite)
+        archived = None if args.drop_archived else read_archived_cells(folder / "cells.csv")
+        if not records and archived is None:
+            where = "" if args.drop_archived else f" and no {folder / 'cells.csv'}"
+            raise BenchError(f"no records under {args.out / 'runs' / args.suite}{where}; run the suite first")
+        frame = cells_frame(records, archived)
+        paths = write_reports(frame, folder, title=f"Leaderboard: suite {args.suite}")
+    print(render_markdown(frame))
     print(f"Wrote {', '.join(str(path) for path in paths.values())}.")
     return 0
 

@@ -11,12 +11,15 @@ Records live under an ignored folder, while the generated ``cells.csv`` is
 committed beside each leaderboard. When a leaderboard is rewritten, the rows
 of the earlier ``cells.csv`` whose cell has no record (for instance on a fresh
 clone, or on another machine) are kept as archived cells, so extending a
-leaderboard never drops results measured elsewhere.
+leaderboard keeps the results measured elsewhere.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_METRICS = ("recall@10", "ndcg@10")
 
-# Columns that identify one cell; a record and an archived row with equal values are the same cell.
+# Columns that identify one cell. A record and an archived row with equal values are the same cell.
 CELL_KEY = ("dataset", "fingerprint", "protocol", "hardware", "method", "config", "budget", "seq_len", "seed")
 _TEXT_COLUMNS = ("dataset", "fingerprint", "protocol", "hardware", "method", "config", "family", "outcome", "error",
                  "users")
@@ -74,28 +77,37 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
 def read_archived_cells(path: Path) -> pd.DataFrame | None:
     """Read the ``cells.csv`` an earlier report wrote, or return None if there is none.
 
-    Hashes are read as text, so a label made only of digits keeps its leading zeros.
+    Hashes are read as text, so a label made only of digits keeps its leading
+    zeros. A table written before the ``trials`` column existed gets 0 there,
+    the value of every untuned cell.
 
     Raises:
-        BenchError: if the file cannot be parsed or lacks a cell-key column.
+        BenchError: if the file cannot be parsed, lacks a cell-key column, or
+            has a row without dataset, method or outcome.
     """
     path = Path(path)
     if not path.is_file():
         return None
+    fix = "Repair or delete it, or pass --drop-archived to write the leaderboard from the records alone."
     try:
         frame = pd.read_csv(path, dtype={name: str for name in _TEXT_COLUMNS})
     except (OSError, ValueError) as exc:
-        raise BenchError(f"cannot read the earlier per-cell table {path}: {exc}. Repair or delete it, or pass "
-                         "--drop-archived to write the leaderboard from the records alone") from exc
+        raise BenchError(f"cannot read the earlier per-cell table {path}: {exc}. {fix}") from exc
     missing = [name for name in (*CELL_KEY, "outcome") if name not in frame.columns]
     if missing:
-        raise BenchError(f"the earlier per-cell table {path} lacks the columns {missing}. Repair or delete it, "
-                         "or pass --drop-archived to write the leaderboard from the records alone")
+        raise BenchError(f"the earlier per-cell table {path} lacks the columns {missing}. {fix}")
+    incomplete = frame[frame[["dataset", "method", "outcome"]].isna().any(axis=1)]
+    if len(incomplete):
+        lines = ", ".join(str(index + 2) for index in incomplete.index[:5])
+        raise BenchError(f"the earlier per-cell table {path} has rows without dataset, method or outcome "
+                         f"(lines {lines}). {fix}")
+    if "trials" not in frame.columns:
+        frame["trials"] = 0
     return frame
 
 
 def _cell_keys(frame: pd.DataFrame) -> list[tuple]:
-    """Return one hashable key per row; numbers become floats and a missing budget or seed becomes -1."""
+    """Return one hashable key per row. Numbers become floats, and a missing budget or seed becomes -1."""
     columns = []
     for name in CELL_KEY:
         values = frame[name] if name in frame.columns else pd.Series([None] * len(frame), index=frame.index)
@@ -110,18 +122,39 @@ def cells_frame(records: list[dict], archived: pd.DataFrame | None = None) -> pd
     """Return the per-cell rows of ``records`` plus the archived rows whose cell has no record.
 
     A record replaces the archived row of the same cell, so a cell that is run
-    again shows its new result.
+    again shows its new result. The exception is a failed or capped record of a
+    cell whose archived row is ``ok``: the archived result stays, and a warning
+    names the cell.
     """
     frame = records_frame(records)
     if archived is None or archived.empty:
         return frame
-    have = set(_cell_keys(frame)) if len(frame) else set()
+    archived = archived.reset_index(drop=True)
+    archived_ok = {key for key, outcome in zip(_cell_keys(archived), archived["outcome"]) if outcome == "ok"}
+    record_keys = _cell_keys(frame) if len(frame) else []
+    kept_over = [index for index, (key, outcome) in enumerate(zip(record_keys, frame.get("outcome", [])))
+                 if outcome != "ok" and key in archived_ok]
+    for index in kept_over:
+        row = frame.iloc[index]
+        logger.warning("%s/%s budget %s seed %s: the new record is %s (%s), so the archived ok result is kept",
+                       row["dataset"], row["method"], row["budget"], row["seed"], row["outcome"], row["error"])
+    if kept_over:
+        frame = frame.drop(index=frame.index[kept_over])
+        record_keys = [key for index, key in enumerate(record_keys) if index not in set(kept_over)]
+    have = set(record_keys)
     keep = archived[[key not in have for key in _cell_keys(archived)]]
     if keep.empty:
-        return frame
+        return frame.reset_index(drop=True)
     logger.info("kept %d archived cells without a record (hardware: %s)", len(keep),
                 ", ".join(sorted(keep["hardware"].fillna("unknown").astype(str).unique())))
     return pd.concat([frame, keep], ignore_index=True) if len(frame) else keep.reset_index(drop=True)
+
+
+def _as_frame(records, archived: pd.DataFrame | None) -> pd.DataFrame:
+    """Return ``records`` if it is already a cells frame, else :func:`cells_frame` of it."""
+    if isinstance(records, pd.DataFrame):
+        return records
+    return cells_frame(records, archived)
 
 
 def _config_label(record: dict) -> str:
@@ -187,10 +220,14 @@ def _aggregate(frame: pd.DataFrame, metrics) -> pd.DataFrame:
     return table
 
 
-def leaderboards(records: list[dict], metrics=DEFAULT_METRICS,
+def leaderboards(records, metrics=DEFAULT_METRICS,
                  archived: pd.DataFrame | None = None) -> list[tuple[dict, pd.DataFrame]]:
-    """Aggregate records (and archived cells) into one table per (dataset, fingerprint, protocol, hardware) group."""
-    frame = cells_frame(records, archived)
+    """Aggregate cells into one table per (dataset, fingerprint, protocol, hardware) group.
+
+    ``records`` is a list of run records (joined with ``archived``) or a frame
+    that :func:`cells_frame` returned.
+    """
+    frame = _as_frame(records, archived)
     if frame.empty:
         return []
     out = []
@@ -244,10 +281,10 @@ def _headers(metrics) -> list[str]:
     )
 
 
-def render_markdown(records: list[dict], metrics=DEFAULT_METRICS, title: str | None = None,
+def render_markdown(records, metrics=DEFAULT_METRICS, title: str | None = None,
                     archived: pd.DataFrame | None = None) -> str:
-    """Render the leaderboard of every group as Markdown text."""
-    boards = leaderboards(records, metrics, archived)
+    """Render the leaderboard of every group as Markdown text (``records`` as in :func:`leaderboards`)."""
+    boards = leaderboards(_as_frame(records, archived), metrics)
     if not boards:
         return "No records yet.\n"
     parts = [f"# {title}\n"] if title else []
@@ -268,20 +305,22 @@ def render_markdown(records: list[dict], metrics=DEFAULT_METRICS, title: str | N
     return "\n".join(parts) + "\n"
 
 
-def write_reports(records: list[dict], folder: Path, metrics=DEFAULT_METRICS, title: str | None = None,
+def write_reports(records, folder: Path, metrics=DEFAULT_METRICS, title: str | None = None,
                   archived: pd.DataFrame | None = None) -> dict:
     """Write leaderboard.md, leaderboard.csv (per-cell rows: cells.csv) and leaderboard.tex.
 
-    ``archived`` is usually :func:`read_archived_cells` of ``folder / "cells.csv"``,
-    read before this call overwrites it. Its rows without a record are kept.
+    ``records`` is as in :func:`leaderboards`. ``archived`` is usually
+    :func:`read_archived_cells` of ``folder / "cells.csv"``, read before this
+    call overwrites it. Each table is written to a temporary file and renamed,
+    so a reader never sees a half-written one.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    markdown = render_markdown(records, metrics, title, archived)
+    frame = _as_frame(records, archived)
     paths = {"markdown": folder / "leaderboard.md", "csv": folder / "leaderboard.csv",
              "cells": folder / "cells.csv", "latex": folder / "leaderboard.tex"}
-    paths["markdown"].write_text(markdown, encoding="utf-8")
-    boards = leaderboards(records, metrics, archived)
+    _write_text_atomic(paths["markdown"], render_markdown(frame, metrics, title))
+    boards = leaderboards(frame, metrics)
     tables = []
     latex = []
     for info, table in boards:
@@ -290,11 +329,51 @@ def write_reports(records: list[dict], folder: Path, metrics=DEFAULT_METRICS, ti
         latex.append(tabulate(_fmt_table(table, metrics), headers=_headers(metrics), tablefmt="latex_booktabs",
                               disable_numparse=True, colalign=_alignment(metrics)))
     if tables:
-        pd.concat(tables).to_csv(paths["csv"], index=False)
-        cells_frame(records, archived).to_csv(paths["cells"], index=False)
-    paths["latex"].write_text("\n\n".join(latex) + "\n", encoding="utf-8")
+        _write_text_atomic(paths["csv"], pd.concat(tables).to_csv(index=False))
+        _write_text_atomic(paths["cells"], frame.to_csv(index=False))
+    _write_text_atomic(paths["latex"], "\n\n".join(latex) + "\n")
     paths.update(_write_plots(boards, folder, metrics[0]))
     return paths
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        # mkstemp creates the file as 0600, but reports are meant to be shared.
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def report_lock(folder: Path):
+    """Hold an exclusive lock on ``folder`` while a report reads its archive and rewrites its tables.
+
+    Two runs of one suite that finish together then write one after the
+    other, and the second keeps the first one's cells. The lock file
+    ``.report.lock`` stays in ``folder``. A folder that does not exist is not locked.
+    NOTE: without ``fcntl`` (Windows) this lock does nothing.
+    """
+    folder = Path(folder)
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    if fcntl is None or not folder.is_dir():
+        # A folder that does not exist yet has no table to protect.
+        yield
+        return
+    with open(folder / ".report.lock", "a", encoding="utf-8") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _write_plots(boards, folder: Path, metric: str) -> dict:

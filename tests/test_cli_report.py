@@ -1,6 +1,7 @@
 """Command line and leaderboard rendering."""
 
 import copy
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -205,3 +206,54 @@ def test_report_command_rebuilds_from_the_archive_alone(tmp_path, capsys):
     assert "| random " in (tmp_path / "games-suite" / "leaderboard.md").read_text(encoding="utf-8")
     assert main(["report", "--suite", "games-suite", "--out", str(tmp_path), "--drop-archived"]) == 2
     assert "no records under" in capsys.readouterr().err
+
+
+def test_rows_without_budget_or_seed_match_their_records(tmp_path):
+    pop = dict(_record("pop", None, None, 0.03), family="reference")
+    write_reports(RECORDS + [pop], tmp_path)
+    archived = read_archived_cells(tmp_path / "cells.csv")
+    rerun = [_record("full", None, 0, 0.20), dict(_record("pop", None, None, 0.05), family="reference")]
+    (_, table), = leaderboards(rerun, archived=archived)
+    full = table[table["method"] == "full"].iloc[0]
+    assert full["seeds"] == 2
+    assert full["recall@10_mean"] == pytest.approx(0.16)
+    assert table[table["method"] == "pop"].iloc[0]["recall@10_mean"] == pytest.approx(0.05)
+
+
+def test_failed_rerun_keeps_archived_result(tmp_path, caplog):
+    write_reports(RECORDS, tmp_path)
+    failed = dict(_record("random", 20, 0, 0.0), outcome="capped", error="wall cap", test=None)
+    with caplog.at_level(logging.WARNING, logger="bench.report"):
+        (_, table), = leaderboards([failed], archived=read_archived_cells(tmp_path / "cells.csv"))
+    row = table[table["method"] == "random"].iloc[0]
+    assert row["seeds"] == 2
+    assert row["not_ok"] == 0
+    assert "archived ok result is kept" in caplog.text
+
+
+def test_report_files_written_without_leftovers(tmp_path):
+    write_reports(RECORDS, tmp_path)
+    assert not list(tmp_path.glob("*.tmp"))
+    assert (tmp_path / "cells.csv").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("table", sorted(Path(__file__).resolve().parents[1].glob("reports/*/cells.csv")),
+                         ids=lambda path: path.parent.name)
+def test_committed_tables_read_as_archives(table):
+    archived = read_archived_cells(table)
+    boards = leaderboards([], archived=archived)
+    assert boards
+    assert sum(int(board["seeds"].sum()) for _, board in boards) == int((archived["outcome"] == "ok").sum())
+
+
+def test_run_keeps_archive_unless_dropped(shared_data, tmp_path):
+    folder = tmp_path / "too-large"
+    write_reports(RECORDS, folder)
+    args = ["--threads", "1", "run", "--datasets", "steam", "--methods", "random", "--budgets", "100000",
+            "--seeds", "0", "--no-pop", "--set", "data.sample_users=50", "--data-dir", str(shared_data),
+            "--out", str(tmp_path), "--name", "too-large"]
+    assert main(args) == 1
+    cells = pd.read_csv(folder / "cells.csv")
+    assert len(cells) == len(RECORDS) + 1
+    assert main(args + ["--drop-archived"]) == 1
+    assert len(pd.read_csv(folder / "cells.csv")) == 1
