@@ -331,8 +331,15 @@ def profiled_configs(suite_name: str) -> dict[str, dict]:
     return configs
 
 
+def profiled_labels(suite_name: str) -> dict[str, str]:
+    """Return ``{method: config label}`` of :func:`profiled_configs`, the labels leaderboards show."""
+    from bench.config import stable_hash
+
+    return {name: stable_hash(config, length=6) for name, config in profiled_configs(suite_name).items()}
+
+
 def best_times_from_records(
-    out: Path, suite_names: list[str], budget: int, configs: dict[str, dict] | None = None,
+    out: Path, suite_names: list[str], budget: int, labels: dict[str, str] | None = None,
     seq_len: int | None = None,
 ) -> dict[tuple[str, str], float]:
     """Mean wall time to the best validation NDCG@10 per (dataset, method) from run records.
@@ -342,12 +349,13 @@ def best_times_from_records(
         suite_names: the record folders to read.
         budget: only records of this number of sequences count.
         seq_len: when given, only records of this sequence length count.
-        configs: ``{method: record config}``; when given, only untuned records
-            of exactly that config count (see :func:`profiled_configs`).
+        labels: ``{method: config label}``. When given, only untuned records
+            whose config has that label count (see :func:`profiled_labels`).
 
     Returns:
         ``{(dataset, method): seconds}`` over records with a probe history.
     """
+    from bench.config import stable_hash
     from bench.records import read_records
 
     times: dict[tuple[str, str], list[float]] = {}
@@ -358,8 +366,9 @@ def best_times_from_records(
             continue
         if seq_len is not None and cell_budget.get("seq_len") != seq_len:
             continue
-        if configs is not None and (
-            record.get("tuning") is not None or record.get("method_config") != configs.get(record.get("method"))
+        if labels is not None and (
+            record.get("tuning") is not None
+            or stable_hash(record.get("method_config"), length=6) != labels.get(record.get("method"))
         ):
             continue
         history = ((record.get("synthetic") or {}).get("meta") or {}).get("probe_history") or []
@@ -421,6 +430,8 @@ def run(args: argparse.Namespace) -> int:
     if REFERENCE not in args.methods:
         logger.warning("%s is not among the methods; the ratio columns will be NA", REFERENCE)
 
+    # Each row names the config it timed, so a later --from-table matches records of that config only.
+    labels = profiled_labels(args.suite)
     rows = []
     for dataset in args.datasets:
         spec_base = ProfileSpec(
@@ -448,6 +459,7 @@ def run(args: argparse.Namespace) -> int:
                 logger.info("profile %s/%s: one distill call (the method has no steps)", dataset, name)
             raw = profile_cell(spec) if args.in_process else _run_isolated(spec)
             row = summarise(spec, raw)
+            row["config"] = labels.get(name)
             logger.info("profile %s/%s: %s, %s s/step, peak RSS %s MiB", dataset, name, row["outcome"],
                         _format(row["step_s"]), _format(row["peak_rss_mib"]))
             rows.append(row)
@@ -468,7 +480,7 @@ def _records_note(args: argparse.Namespace, budget: int, seq_len: int) -> str:
     if not args.records_suite:
         return ""
     return (f"best_s: mean over the untuned {budget}x{seq_len} records of suite(s) "
-            f"{', '.join(args.records_suite)} with the profiled config. ")
+            f"{', '.join(args.records_suite)} with the profiled config (column config). ")
 
 
 def check_record_folders(out: Path, suite_names: list[str]) -> None:
@@ -483,12 +495,38 @@ def check_record_folders(out: Path, suite_names: list[str]) -> None:
             )
 
 
+def table_labels(frame: pd.DataFrame, suite_name: str) -> dict[str, str]:
+    """Return ``{method: config label}`` of the configs a profile table timed.
+
+    A table's ``config`` column names them. Tables written before that column
+    existed get the labels of today's profiled configs, which differ where a
+    default changed after the table was timed.
+
+    Raises:
+        ConfigError: if the table gives one method two labels.
+    """
+    labels = profiled_labels(suite_name)
+    if "config" not in frame.columns:
+        logger.warning("the profile table has no config column, so best_s comes from records of today's "
+                       "profiled configs (%s)", ", ".join(f"{m} {labels[m]}" for m in sorted(set(frame["method"]))
+                                                          if m in labels))
+        return labels
+    for method, group in frame.groupby("method"):
+        named = sorted({str(label) for label in group["config"].dropna()})
+        if len(named) > 1:
+            raise ConfigError(f"the profile table gives {method} several config labels {named}: "
+                              "profile one config per method and table")
+        if named:
+            labels[method] = named[0]
+    return labels
+
+
 def fill_best_times(frame: pd.DataFrame, args: argparse.Namespace, budget: int, seq_len: int) -> pd.DataFrame:
     """Return ``frame`` with ``best_s`` taken from the records of ``args.records_suite`` where they have it.
 
     Rows that no record matches keep their value, and a warning names them.
     """
-    best = best_times_from_records(args.out, args.records_suite, budget, profiled_configs(args.suite), seq_len)
+    best = best_times_from_records(args.out, args.records_suite, budget, table_labels(frame, args.suite), seq_len)
     frame = frame.copy()
     keys = list(zip(frame["dataset"], frame["method"]))
     unmatched = [f"{d}/{m}" for d, m in keys if (d, m) not in best]
@@ -528,7 +566,8 @@ def rebuild(args: argparse.Namespace) -> int:
     paragraphs = markdown.read_text(encoding="utf-8").split("\n\n") if markdown.is_file() else []
     measured = ""
     if len(paragraphs) > 2 and paragraphs[0] == "# Cost profile":
-        measured = re.sub(r"best_s: mean over .*? with the profiled config\. ", "", paragraphs[1].strip()) + "\n\n"
+        measured = re.sub(r"best_s: mean over .*? with the profiled config( \(column config\))?\. ", "",
+                          paragraphs[1].strip()) + "\n\n"
     rebuilt = (f"Rebuilt from {path.name}: the timing and memory columns are as measured then. "
                f"{_records_note(args, budget, seq_len)}")
     write_tables(frame, path, f"{measured}{rebuilt.rstrip()}\n")
@@ -540,7 +579,8 @@ def _read_table(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise ConfigError(f"--from-table {path}: no such file; give the profile.csv an earlier profile wrote")
     try:
-        frame = pd.read_csv(path)
+        # Config labels are hashes, so one made only of digits must stay text.
+        frame = pd.read_csv(path, dtype={"config": str})
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, OSError) as exc:
         raise ConfigError(f"--from-table {path}: cannot read it as CSV ({exc}); give a profile.csv") from exc
     # Tables written before the column was renamed call the selection time distill_wall_s.

@@ -8,13 +8,13 @@ import pandas as pd
 import pytest
 
 from bench.errors import ConfigError
-from bench.config import build_config, record_config
+from bench.config import build_config, record_config, stable_hash
 from bench.profile import (
     ProfileSpec,
     add_arguments,
     add_ratios,
     best_times_from_records,
-    profiled_configs,
+    profiled_labels,
     run,
     summarise,
 )
@@ -182,7 +182,7 @@ def test_best_times_count_only_the_profiled_config(tmp_path, tiny_suite):
     _write_record(folder, "r3", "steam", "foster", 70.0, _tiny_config("foster"), tuning={"study": "s"})
     _write_record(folder, "r4", "steam", "foster", 80.0, _tiny_config("foster"), seq_len=10)
     _write_record(tmp_path / "runs" / "b", "r2", "steam", "foster", 30.0, _tiny_config("foster"))
-    best = best_times_from_records(tmp_path, ["a", "b"], 50, profiled_configs(tiny_suite), seq_len=20)
+    best = best_times_from_records(tmp_path, ["a", "b"], 50, profiled_labels(tiny_suite), seq_len=20)
     assert best == {("steam", "foster"): pytest.approx(20.0)}
 
 
@@ -221,6 +221,37 @@ def test_from_table_refills_best_times_without_timing(profile_run, tiny_suite, t
     assert run(_rebuild_args(tiny_suite, tmp_path, table, "--records-suite", "tiny")) == 0
     text = table.with_suffix(".md").read_text(encoding="utf-8")
     assert text.count("best_s: mean over") == 1, "a second rebuild kept the first one's best_s note"
+
+
+def test_profile_rows_name_their_config(profile_run, tiny_suite):
+    frame = pd.read_csv(profile_run[1] / "profile" / "profile.csv", dtype={"config": str}).set_index("method")
+    assert frame.loc["foster", "config"] == profiled_labels(tiny_suite)["foster"]
+
+
+def test_from_table_uses_the_timed_config(profile_run, tiny_suite, tmp_path):
+    # A default that changed after the table was timed must not supply best_s for the old rows.
+    table = _copy_table(profile_run, tmp_path)
+    old = _tiny_config("foster", subset_row_tops=False)
+    frame = pd.read_csv(table, dtype={"config": str})
+    frame.loc[frame["method"] == "foster", "config"] = stable_hash(old, length=6)
+    frame.to_csv(table, index=False)
+    records = tmp_path / "runs" / "tiny"
+    _write_record(records, "new", "steam", "foster", 4.0, _tiny_config("foster"), n_sequences=5, seq_len=10)
+    _write_record(records, "old", "steam", "foster", 6.0, old, n_sequences=5, seq_len=10)
+    assert run(_rebuild_args(tiny_suite, tmp_path, table, "--records-suite", "tiny")) == 0
+    rebuilt = pd.read_csv(table, dtype={"config": str}).set_index("method")
+    assert rebuilt.loc["foster", "best_s"] == pytest.approx(6.0)
+    assert rebuilt.loc["foster", "config"] == stable_hash(old, length=6)
+
+
+def test_from_table_rejects_two_labels_per_method(profile_run, tiny_suite, tmp_path):
+    table = _copy_table(profile_run, tmp_path)
+    frame = pd.read_csv(table, dtype={"config": str})
+    frame = pd.concat([frame, frame[frame["method"] == "foster"].assign(config="000000", dataset="other")])
+    frame.to_csv(table, index=False)
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="several config labels"):
+        run(_rebuild_args(tiny_suite, tmp_path, table, "--records-suite", "tiny"))
 
 
 def test_from_table_rejects_other_budget(profile_run, tiny_suite, tmp_path):
