@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -381,9 +382,11 @@ def _write_plots(boards, folder: Path, metric: str) -> dict:
 
     out = {}
     for index, (info, table) in enumerate(boards):
-        suffix = info["dataset"] if index == 0 or boards[index - 1][0]["dataset"] != info["dataset"] else (
-            f"{info['dataset']}-{info['protocol']}"
-        )
+        suffix = info["dataset"]
+        if index > 0 and boards[index - 1][0]["dataset"] == info["dataset"]:
+            # Groups of one dataset differ in protocol, data or hardware; name the file after all three.
+            hardware = re.sub(r"[^a-z0-9]+", "-", str(info["hardware"]).lower()).strip("-")
+            suffix = f"{info['dataset']}-{info['protocol']}-{info['fingerprint']}-{hardware}"
         title = f"{info['dataset']} ({info['hardware']})"
         cost = plot_accuracy_vs_cost(table, folder / f"{suffix}-accuracy-vs-cost.png", metric, title)
         budget = plot_accuracy_vs_budget(table, folder / f"{suffix}-accuracy-vs-budget.png", metric, title)

@@ -257,3 +257,12 @@ def test_run_keeps_archive_unless_dropped(shared_data, tmp_path):
     assert len(cells) == len(RECORDS) + 1
     assert main(args + ["--drop-archived"]) == 1
     assert len(pd.read_csv(folder / "cells.csv")) == 1
+
+
+def test_plots_of_two_hardware_groups_differ(tmp_path):
+    other = [dict(copy.deepcopy(r), environment={"hardware": {"cpu": "cpu B"}}) for r in RECORDS]
+    paths = write_reports(RECORDS + other, tmp_path)
+    plots = sorted(path.name for path in tmp_path.glob("*-accuracy-vs-cost.png"))
+    assert len(plots) == 2
+    assert any(name.endswith("-cpu-b-accuracy-vs-cost.png") for name in plots)
+    assert len([key for key in paths if key.endswith("-cost-plot")]) == 2
