@@ -1,5 +1,8 @@
 """Benchmark of one FOSTER distillation step: ``foster`` vs ``foster-no-subset``, frozen vs tune-top-k.
 
+A third case, ``foster-paper-subset``, is ``foster`` with ``subset_row_tops``
+off, the subset of the paper, so the cost of the tracked row tops shows.
+
 By default the cases run on a 40-user steam slice, small enough for CI (also
 under ``--benchmark-disable``, where each case runs once). With
 ``BENCH_PERF_FULL=1`` they run on the full games dataset (16,874 items) with
@@ -99,22 +102,31 @@ def perf_cache(tmp_path_factory):
     return cache
 
 
-def _overrides(name: str, encoder_mode: str) -> dict:
+# Case id: (registered method, config overrides).
+CASES = {
+    "foster": ("foster", {}),
+    "foster-paper-subset": ("foster", {"subset_row_tops": False}),
+    "foster-no-subset": ("foster-no-subset", {}),
+}
+
+
+def _overrides(name: str, encoder_mode: str, changes: dict) -> dict:
     if FULL:
-        return {"encoder_mode": encoder_mode}
+        return {**changes, "encoder_mode": encoder_mode}
     fast = dict(get_method(name).test_overrides)
     if name == "foster-no-subset":
         fast.pop("subset_size")
-    return {**fast, "encoder_mode": encoder_mode}
+    return {**fast, **changes, "encoder_mode": encoder_mode}
 
 
 @pytest.mark.parametrize("encoder_mode", ["frozen", "tune-top-k"])
-@pytest.mark.parametrize("name", ["foster", "foster-no-subset"])
-def test_foster_step(benchmark, perf_cache, name, encoder_mode):
+@pytest.mark.parametrize("case", list(CASES))
+def test_foster_step(benchmark, perf_cache, case, encoder_mode):
+    name, changes = CASES[case]
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
-        method = build_method(name, _overrides(name, encoder_mode))
+        method = build_method(name, _overrides(name, encoder_mode, changes))
         budget = Budget(50, 20) if FULL else Budget(5, 10)
         context = MethodContext(seed=0, device="cpu", meter=CostMeter(), cache=perf_cache)
         run = FosterRun(method.config, perf_cache.data.train_view(), budget, context)
@@ -128,6 +140,7 @@ def test_foster_step(benchmark, perf_cache, name, encoder_mode):
         torch.set_num_threads(previous_threads)
 
     benchmark.extra_info.update(
+        case=case,
         method=name,
         encoder_mode=encoder_mode,
         n_items=perf_cache.data.n_items,
@@ -141,7 +154,7 @@ def test_foster_step(benchmark, perf_cache, name, encoder_mode):
     mean_s = stats.stats.mean if stats is not None else float("nan")
     logger.info(
         "%s %s on %s (%d items): %.3f s/step, peak RSS %.0f MiB (+%.0f MiB during steps), %d items per step",
-        name, encoder_mode, perf_cache.data.name, perf_cache.data.n_items, mean_s, peak, peak - rss_before,
+        case, encoder_mode, perf_cache.data.name, perf_cache.data.n_items, mean_s, peak, peak - rss_before,
         losses["subset_items"],
     )
     assert losses["subset_items"] <= perf_cache.data.n_items
