@@ -176,7 +176,12 @@ def _sample_std(values: pd.Series) -> float:
     return float(np.std(values, ddof=1)) if len(values) > 1 else np.nan
 
 
-def _aggregate(frame: pd.DataFrame, metrics) -> pd.DataFrame:
+def _aggregate(frame: pd.DataFrame, metrics, variants: pd.Series | None = None) -> pd.DataFrame:
+    """Aggregate one group's cells into leaderboard rows.
+
+    ``variants`` counts the configs per method over every group of the
+    report, so a config keeps the same label in all of its tables.
+    """
     frame = frame.copy()
     frame["budget_key"] = frame["budget"].fillna(-1)
     frame["ok"] = frame["outcome"] == "ok"
@@ -186,7 +191,8 @@ def _aggregate(frame: pd.DataFrame, metrics) -> pd.DataFrame:
             frame[column] = np.nan
         frame.loc[~frame["ok"], column] = np.nan
     # Records of one method with different configs are variants, never seeds of one row.
-    variants = frame.groupby("method")["config"].nunique()
+    if variants is None:
+        variants = frame.groupby("method")["config"].nunique()
     frame["label"] = [m if variants[m] == 1 else f"{m} [{c}]" for m, c in zip(frame["method"], frame["config"])]
     # Every (label, budget) gets a row, so a cell that only failed still shows up with its count.
     grouped = frame.groupby(["label", "budget_key"], dropna=False)
@@ -232,9 +238,10 @@ def leaderboards(records, metrics=DEFAULT_METRICS,
     if frame.empty:
         return []
     out = []
+    variants = frame.groupby("method")["config"].nunique()
     keys = ["dataset", "fingerprint", "protocol", "hardware"]
     for values, group in frame.groupby(keys, dropna=False, sort=True):
-        out.append((dict(zip(keys, values)), _aggregate(group, metrics)))
+        out.append((dict(zip(keys, values)), _aggregate(group, metrics, variants)))
     return out
 
 

@@ -266,3 +266,14 @@ def test_plots_of_two_hardware_groups_differ(tmp_path):
     assert len(plots) == 2
     assert any(name.endswith("-cpu-b-accuracy-vs-cost.png") for name in plots)
     assert len([key for key in paths if key.endswith("-cost-plot")]) == 2
+
+
+def test_config_labels_agree_across_groups():
+    # The other machine ran random with another config only; both tables must name their config.
+    other = [dict(copy.deepcopy(r), method_config={"steps": 5}, environment={"hardware": {"cpu": "cpu B"}})
+             for r in RECORDS if r["method"] == "random"]
+    boards = leaderboards(RECORDS + other)
+    labels = [set(table.loc[table["method"] == "random", "label"]) for _, table in boards]
+    assert len(labels) == 2
+    assert all(len(group) == 1 and next(iter(group)).startswith("random [") for group in labels)
+    assert labels[0] != labels[1]
