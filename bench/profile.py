@@ -333,9 +333,9 @@ def profiled_configs(suite_name: str) -> dict[str, dict]:
 
 def profiled_labels(suite_name: str) -> dict[str, str]:
     """Return ``{method: config label}`` of :func:`profiled_configs`, the labels leaderboards show."""
-    from bench.config import stable_hash
+    from bench.report import config_label
 
-    return {name: stable_hash(config, length=6) for name, config in profiled_configs(suite_name).items()}
+    return {name: config_label(config) for name, config in profiled_configs(suite_name).items()}
 
 
 def best_times_from_records(
@@ -355,8 +355,8 @@ def best_times_from_records(
     Returns:
         ``{(dataset, method): seconds}`` over records with a probe history.
     """
-    from bench.config import stable_hash
     from bench.records import read_records
+    from bench.report import config_label
 
     times: dict[tuple[str, str], list[float]] = {}
     records = [record for name in suite_names for record in read_records(out / "runs" / name)]
@@ -368,7 +368,7 @@ def best_times_from_records(
             continue
         if labels is not None and (
             record.get("tuning") is not None
-            or stable_hash(record.get("method_config"), length=6) != labels.get(record.get("method"))
+            or config_label(record.get("method_config")) != labels.get(record.get("method"))
         ):
             continue
         history = ((record.get("synthetic") or {}).get("meta") or {}).get("probe_history") or []

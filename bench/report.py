@@ -131,24 +131,23 @@ def cells_frame(records: list[dict], archived: pd.DataFrame | None = None) -> pd
     if archived is None or archived.empty:
         return frame
     archived = archived.reset_index(drop=True)
-    archived_ok = {key for key, outcome in zip(_cell_keys(archived), archived["outcome"]) if outcome == "ok"}
-    record_keys = _cell_keys(frame) if len(frame) else []
-    kept_over = [index for index, (key, outcome) in enumerate(zip(record_keys, frame.get("outcome", [])))
-                 if outcome != "ok" and key in archived_ok]
-    for index in kept_over:
-        row = frame.iloc[index]
+    archived_keys = _cell_keys(archived)
+    archived_ok = {key for key, outcome in zip(archived_keys, archived["outcome"]) if outcome == "ok"}
+    record_keys = _cell_keys(frame)
+    outcomes = frame["outcome"] if len(frame) else []
+    superseded = np.array([outcome != "ok" and key in archived_ok for key, outcome in zip(record_keys, outcomes)],
+                          dtype=bool)
+    for _, row in frame.loc[superseded].iterrows():
         logger.warning("%s/%s budget %s seed %s: the new record is %s (%s), so the archived ok result is kept",
                        row["dataset"], row["method"], row["budget"], row["seed"], row["outcome"], row["error"])
-    if kept_over:
-        frame = frame.drop(index=frame.index[kept_over])
-        record_keys = [key for index, key in enumerate(record_keys) if index not in set(kept_over)]
-    have = set(record_keys)
-    keep = archived[[key not in have for key in _cell_keys(archived)]]
-    if keep.empty:
-        return frame.reset_index(drop=True)
-    logger.info("kept %d archived cells without a record (hardware: %s)", len(keep),
-                ", ".join(sorted(keep["hardware"].fillna("unknown").astype(str).unique())))
-    return pd.concat([frame, keep], ignore_index=True) if len(frame) else keep.reset_index(drop=True)
+    have = {key for key, dropped in zip(record_keys, superseded) if not dropped}
+    keep = archived.loc[[key not in have for key in archived_keys]]
+    if len(keep):
+        logger.info("kept %d archived cells without a record (hardware: %s)", len(keep),
+                    ", ".join(sorted(keep["hardware"].fillna("unknown").astype(str).unique())))
+    # concat warns about empty parts, and a frame of no records has no columns at all.
+    parts = [part for part in (frame.loc[~superseded], keep) if len(part)]
+    return pd.concat(parts, ignore_index=True) if parts else frame
 
 
 def _as_frame(records, archived: pd.DataFrame | None) -> pd.DataFrame:
@@ -156,6 +155,11 @@ def _as_frame(records, archived: pd.DataFrame | None) -> pd.DataFrame:
     if isinstance(records, pd.DataFrame):
         return records
     return cells_frame(records, archived)
+
+
+def config_label(method_config: dict | None) -> str:
+    """Return the label leaderboards give an untuned record of ``method_config`` (a record config)."""
+    return stable_hash(method_config, length=6)
 
 
 def _config_label(record: dict) -> str:
@@ -166,7 +170,7 @@ def _config_label(record: dict) -> str:
     """
     tuning = record.get("tuning")
     if tuning is None:
-        return stable_hash(record.get("method_config"), length=6)
+        return config_label(record.get("method_config"))
     return stable_hash([record.get("method_config"), tuning.get("study")], length=6)
 
 
@@ -391,7 +395,7 @@ def _write_plots(boards, folder: Path, metric: str) -> dict:
     for index, (info, table) in enumerate(boards):
         suffix = info["dataset"]
         if index > 0 and boards[index - 1][0]["dataset"] == info["dataset"]:
-            # Groups of one dataset differ in protocol, data or hardware; name the file after all three.
+            # Groups of one dataset differ in protocol, data or hardware, so the file names all three.
             hardware = re.sub(r"[^a-z0-9]+", "-", str(info["hardware"]).lower()).strip("-")
             suffix = f"{info['dataset']}-{info['protocol']}-{info['fingerprint']}-{hardware}"
         title = f"{info['dataset']} ({info['hardware']})"
