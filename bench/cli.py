@@ -260,7 +260,7 @@ def _cmd_report(args) -> int:
         archived = None if args.drop_archived else read_archived_cells(folder / "cells.csv")
         if not records and archived is None:
             where = "" if args.drop_archived else f" and no {folder / 'cells.csv'}"
-            raise BenchError(f"no records under {args.out / 'runs' / args.suite}{where}; run the suite first")
+            raise BenchError(f"no records under {args.out / 'runs' / args.suite}{where}: run the suite first")
         frame = cells_frame(records, archived)
         paths = write_reports(frame, folder, title=f"Leaderboard: suite {args.suite}")
     print(render_markdown(frame))

@@ -625,7 +625,7 @@ class Foster(Method):
                 catalogue in every step.
             subset_row_tops: also put each synthetic row's tracked top item
                 in ``B`` (see the module docstring; no effect without
-                ``use_subset``). On by default; off is the paper's subset
+                ``use_subset``). On by default, and off is the paper's subset
                 (chosen: over 3 seeds, the tracked top items raised test
                 Recall@10 on games at 20 sequences from 0.0360 to 0.0390, as
                 much as each row's exact top item did, and on steam at 50 from

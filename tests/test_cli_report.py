@@ -166,7 +166,7 @@ def test_rewrite_keeps_archived_cells_without_records(tmp_path):
     assert random_row["recall@10_mean"] == pytest.approx(0.06)
 
 
-def test_record_replaces_archived_row_of_the_same_cell(tmp_path):
+def test_record_replaces_archived_row(tmp_path):
     write_reports(RECORDS, tmp_path)
     rerun = [_record("random", 20, 0, 0.10)]
     archived = read_archived_cells(tmp_path / "cells.csv")
@@ -176,13 +176,13 @@ def test_record_replaces_archived_row_of_the_same_cell(tmp_path):
     assert random_row["recall@10_mean"] == pytest.approx(0.08)
 
 
-def test_archived_cells_on_other_hardware_rank_separately(tmp_path):
+def test_archive_on_other_hardware_ranks_apart(tmp_path):
     write_reports(RECORDS, tmp_path)
     other = [_record("random", 20, 0, 0.5, cpu="cpu B")]
     assert len(leaderboards(other, archived=read_archived_cells(tmp_path / "cells.csv"))) == 2
 
 
-def test_digit_only_labels_survive_the_archive(tmp_path):
+def test_digit_labels_survive_archive(tmp_path):
     # A config hash made of digits must not be read back as a number.
     record = dict(copy.deepcopy(RECORDS[2]), method_config={"steps": 5})
     write_reports([record], tmp_path)
@@ -192,14 +192,14 @@ def test_digit_only_labels_survive_the_archive(tmp_path):
     assert read_archived_cells(tmp_path / "cells.csv")["config"].tolist() == ["012345"]
 
 
-def test_broken_archive_names_the_file_and_the_fix(tmp_path):
+def test_broken_archive_names_file_and_fix(tmp_path):
     (tmp_path / "cells.csv").write_text("method,seed\nrandom,0\n", encoding="utf-8")
     with pytest.raises(BenchError, match="cells.csv lacks the columns.*--drop-archived"):
         read_archived_cells(tmp_path / "cells.csv")
     assert read_archived_cells(tmp_path / "missing.csv") is None
 
 
-def test_report_command_rebuilds_from_the_archive_alone(tmp_path, capsys):
+def test_report_rebuilds_from_archive_alone(tmp_path, capsys):
     write_reports(RECORDS, tmp_path / "games-suite")
     (tmp_path / "games-suite" / "leaderboard.md").unlink()
     assert main(["report", "--suite", "games-suite", "--out", str(tmp_path)]) == 0
@@ -208,7 +208,7 @@ def test_report_command_rebuilds_from_the_archive_alone(tmp_path, capsys):
     assert "no records under" in capsys.readouterr().err
 
 
-def test_rows_without_budget_or_seed_match_their_records(tmp_path):
+def test_unbudgeted_rows_match_records(tmp_path):
     pop = dict(_record("pop", None, None, 0.03), family="reference")
     write_reports(RECORDS + [pop], tmp_path)
     archived = read_archived_cells(tmp_path / "cells.csv")
@@ -259,7 +259,7 @@ def test_run_keeps_archive_unless_dropped(shared_data, tmp_path):
     assert len(pd.read_csv(folder / "cells.csv")) == 1
 
 
-def test_plots_of_two_hardware_groups_differ(tmp_path):
+def test_hardware_groups_get_own_plots(tmp_path):
     other = [dict(copy.deepcopy(r), environment={"hardware": {"cpu": "cpu B"}}) for r in RECORDS]
     paths = write_reports(RECORDS + other, tmp_path)
     plots = sorted(path.name for path in tmp_path.glob("*-accuracy-vs-cost.png"))
@@ -269,7 +269,7 @@ def test_plots_of_two_hardware_groups_differ(tmp_path):
 
 
 def test_config_labels_agree_across_groups():
-    # The other machine ran random with another config only; both tables must name their config.
+    # The other machine ran random with another config only, so both tables must name their config.
     other = [dict(copy.deepcopy(r), method_config={"steps": 5}, environment={"hardware": {"cpu": "cpu B"}})
              for r in RECORDS if r["method"] == "random"]
     boards = leaderboards(RECORDS + other)

@@ -228,7 +228,7 @@ def test_profile_rows_name_their_config(profile_run, tiny_suite):
     assert frame.loc["foster", "config"] == profiled_labels(tiny_suite)["foster"]
 
 
-def test_from_table_uses_the_timed_config(profile_run, tiny_suite, tmp_path):
+def test_from_table_uses_timed_config(profile_run, tiny_suite, tmp_path):
     # A default that changed after the table was timed must not supply best_s for the old rows.
     table = _copy_table(profile_run, tmp_path)
     old = _tiny_config("foster", subset_row_tops=False)
@@ -244,7 +244,7 @@ def test_from_table_uses_the_timed_config(profile_run, tiny_suite, tmp_path):
     assert rebuilt.loc["foster", "config"] == stable_hash(old, length=6)
 
 
-def test_from_table_rejects_two_labels_per_method(profile_run, tiny_suite, tmp_path):
+def test_from_table_rejects_two_labels(profile_run, tiny_suite, tmp_path):
     table = _copy_table(profile_run, tmp_path)
     frame = pd.read_csv(table, dtype={"config": str})
     frame = pd.concat([frame, frame[frame["method"] == "foster"].assign(config="000000", dataset="other")])
