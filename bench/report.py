@@ -7,6 +7,14 @@ for a default or suite config). Records that differ in protocol, dataset
 fingerprint or hardware are never ranked in one table: each combination gets
 its own table, and a note explains why there are several.
 
+Runs are deterministic for a seed across CPUs (cells run on two machines gave
+equal metrics), so accuracy can be pooled across machines where costs cannot.
+When a dataset has cells from more than one machine,
+``accuracy-across-hardware.md`` ranks them in one table per (dataset,
+fingerprint, protocol): a cell run on several machines counts once, the
+largest difference between its copies is printed, and costs are shown only
+for rows run on one machine.
+
 Records live under an ignored folder, while the generated ``cells.csv`` is
 committed beside each leaderboard. When a leaderboard is rewritten, the rows
 of the earlier ``cells.csv`` whose cell has no record (for instance on a fresh
@@ -197,7 +205,7 @@ def _aggregate(frame: pd.DataFrame, metrics, variants: pd.Series | None = None) 
     # Records of one method with different configs are variants, never seeds of one row.
     if variants is None:
         variants = frame.groupby("method")["config"].nunique()
-    frame["label"] = [m if variants[m] == 1 else f"{m} [{c}]" for m, c in zip(frame["method"], frame["config"])]
+    frame["label"] = _labels(frame, variants)
     # Every (label, budget) gets a row, so a cell that only failed still shows up with its count.
     grouped = frame.groupby(["label", "budget_key"], dropna=False)
     table = grouped.agg(
@@ -247,6 +255,99 @@ def leaderboards(records, metrics=DEFAULT_METRICS,
     for values, group in frame.groupby(keys, dropna=False, sort=True):
         out.append((dict(zip(keys, values)), _aggregate(group, metrics, variants)))
     return out
+
+
+# The cell key without the machine: copies of one cell on two machines share it.
+_POOLED_KEY = tuple(name for name in CELL_KEY if name != "hardware")
+_COST_COLUMNS = ("distill_wall_s", "distill_peak_rss_mib")
+
+
+def pooled_leaderboards(records, metrics=DEFAULT_METRICS,
+                        archived: pd.DataFrame | None = None) -> list[tuple[dict, pd.DataFrame]]:
+    """Rank accuracy across machines: one table per (dataset, fingerprint, protocol) with cells of several.
+
+    Groups whose cells all ran on one machine are left to :func:`leaderboards`.
+    A cell with ok copies on several machines counts once (the copy of the
+    first machine in name order). ``info`` of each table names the machines,
+    the number of such cells and the largest absolute difference of their test
+    metrics. Each row's ``machines`` counts the machines of its cells, and
+    its cost columns are NaN when that is more than one, because the same
+    work takes different times on different machines.
+    """
+    frame = _as_frame(records, archived)
+    if frame.empty:
+        return []
+    variants = frame.groupby("method")["config"].nunique()
+    keys = ["dataset", "fingerprint", "protocol"]
+    out = []
+    for values, group in frame.groupby(keys, dropna=False, sort=True):
+        hardware = group["hardware"].fillna("unknown").astype(str)
+        if hardware.nunique() < 2:
+            continue
+        group = group.assign(hardware=hardware).sort_values("hardware", kind="stable")
+        ok = group[group["outcome"] == "ok"]
+        cell = pd.Series(_pooled_keys(ok), index=ok.index)
+        copies = cell[cell.duplicated(keep=False)]
+        diff = 0.0
+        columns = [f"test_{m}" for m in metrics if f"test_{m}" in ok]
+        for _, index in copies.groupby(copies).groups.items():
+            spread = ok.loc[index, columns].astype(float)
+            diff = max(diff, float((spread.max() - spread.min()).max()))
+        shared = int(copies.nunique())
+        if diff > 1e-9:
+            logger.warning("%s: cells run on several machines differ by up to %.3g in test metrics",
+                           values[0], diff)
+        # Failed copies of a cell that finished elsewhere are dropped; the ok copy stands for the cell.
+        failed = group[group["outcome"] != "ok"]
+        failed = failed[~pd.Series(_pooled_keys(failed), index=failed.index).isin(set(cell))]
+        kept = pd.concat([ok.loc[~cell.duplicated(keep="first")], failed])
+        table = _aggregate(kept, metrics, variants)
+        labels = _labels(group, variants)
+        machines = group.assign(label=labels, budget_key=group["budget"].fillna(-1)).groupby(
+            ["label", "budget_key"], dropna=False)["hardware"].nunique()
+        table["machines"] = [int(machines.get((label, -1 if pd.isna(budget) else budget), 1))
+                             for label, budget in zip(table["label"], table["budget"])]
+        for column in _COST_COLUMNS:
+            table.loc[table["machines"] > 1, column] = np.nan
+        info = dict(zip(keys, values))
+        info.update(hardware=sorted(hardware.unique()), shared_cells=shared, max_abs_diff=diff)
+        out.append((info, table))
+    return out
+
+
+def _pooled_keys(frame: pd.DataFrame) -> list[tuple]:
+    """Return :func:`_cell_keys` without the hardware entry."""
+    drop = CELL_KEY.index("hardware")
+    return [key[:drop] + key[drop + 1:] for key in _cell_keys(frame)]
+
+
+def _labels(frame: pd.DataFrame, variants: pd.Series) -> list[str]:
+    """Return each row's leaderboard label: the method, with its config when the method has several."""
+    return [m if variants[m] == 1 else f"{m} [{c}]" for m, c in zip(frame["method"], frame["config"])]
+
+
+def render_pooled_markdown(boards, metrics=DEFAULT_METRICS) -> str:
+    """Render :func:`pooled_leaderboards` output as Markdown text."""
+    parts = ["# Accuracy across machines\n",
+             "Runs are deterministic for a seed, so accuracy is ranked over cells from several machines. "
+             "Costs differ between machines: `leaderboard.md` ranks each machine apart, and here a row "
+             "shows costs only when all its cells ran on one machine.\n"]
+    headers = _headers(metrics)
+    headers.insert(3, "machines")
+    for info, table in boards:
+        parts.append(f"## {info['dataset']}\n")
+        agreement = ("" if not info["shared_cells"] else
+                     f" {info['shared_cells']} cells ran on more than one machine; their test metrics differ "
+                     f"by at most {info['max_abs_diff']:.2g}, and each counts once.")
+        parts.append(f"Dataset fingerprint `{info['fingerprint']}`, protocol `{info['protocol']}`, machines: "
+                     f"{'; '.join(info['hardware'])}.{agreement}\n")
+        rows = _fmt_table(table, metrics)
+        for row, machines in zip(rows, table["machines"]):
+            row.insert(3, int(machines))
+        parts.append(tabulate(rows, headers=headers, tablefmt="pipe", disable_numparse=True,
+                              colalign=["left"] + ["right"] * (len(headers) - 1)))
+        parts.append("")
+    return "\n".join(parts) + "\n"
 
 
 def _fmt_table(table: pd.DataFrame, metrics) -> list[list]:
@@ -321,6 +422,9 @@ def write_reports(records, folder: Path, metrics=DEFAULT_METRICS, title: str | N
                   archived: pd.DataFrame | None = None) -> dict:
     """Write leaderboard.md, leaderboard.csv (per-cell rows: cells.csv) and leaderboard.tex.
 
+    Where a dataset has cells from several machines, also write
+    ``accuracy-across-hardware.md`` (see :func:`pooled_leaderboards`).
+
     ``records`` is as in :func:`leaderboards`. ``archived`` is usually
     :func:`read_archived_cells` of ``folder / "cells.csv"``, read before this
     call overwrites it. Each table is written to a temporary file and renamed,
@@ -344,6 +448,14 @@ def write_reports(records, folder: Path, metrics=DEFAULT_METRICS, title: str | N
         _write_text_atomic(paths["csv"], pd.concat(tables).to_csv(index=False))
         _write_text_atomic(paths["cells"], frame.to_csv(index=False))
     _write_text_atomic(paths["latex"], "\n\n".join(latex) + "\n")
+    pooled = pooled_leaderboards(frame, metrics)
+    pooled_path = folder / "accuracy-across-hardware.md"
+    if pooled:
+        _write_text_atomic(pooled_path, render_pooled_markdown(pooled, metrics))
+        paths["pooled"] = pooled_path
+    elif pooled_path.exists():
+        # The cells no longer span several machines, so an earlier pooled table would be stale.
+        pooled_path.unlink()
     paths.update(_write_plots(boards, folder, metrics[0]))
     return paths
 

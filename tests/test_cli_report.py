@@ -11,7 +11,7 @@ import pytest
 
 from bench.cli import main
 from bench.errors import BenchError
-from bench.report import leaderboards, read_archived_cells, render_markdown, write_reports
+from bench.report import leaderboards, pooled_leaderboards, read_archived_cells, render_markdown, write_reports
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -277,3 +277,53 @@ def test_config_labels_agree_across_groups():
     assert len(labels) == 2
     assert all(len(group) == 1 and next(iter(group)).startswith("random [") for group in labels)
     assert labels[0] != labels[1]
+
+
+def test_pooled_table_counts_shared_cell_once(tmp_path, caplog):
+    # Seed 1 of random ran on both machines; seed 2 only on the second one.
+    other = [_record("random", 20, 1, 0.06, cpu="cpu B"), _record("random", 20, 2, 0.08, cpu="cpu B")]
+    (info, table), = pooled_leaderboards(RECORDS + other)
+    assert info["hardware"] == ["cpu A", "cpu B"]
+    assert info["shared_cells"] == 1
+    assert info["max_abs_diff"] == 0.0
+    row = table[table["method"] == "random"].iloc[0]
+    assert row["seeds"] == 3
+    assert row["recall@10_mean"] == pytest.approx(0.06)
+    assert row["machines"] == 2
+    assert pd.isna(row["distill_wall_s"])
+    full = table[table["method"] == "full"].iloc[0]
+    assert full["machines"] == 1
+    assert full["distill_wall_s"] == pytest.approx(1.0)
+    paths = write_reports(RECORDS + other, tmp_path)
+    text = paths["pooled"].read_text(encoding="utf-8")
+    assert "cpu A; cpu B" in text
+    assert "1 cells ran on more than one machine" in text
+
+
+def test_pooled_table_warns_when_copies_differ(caplog):
+    other = [_record("random", 20, 1, 0.07, cpu="cpu B")]
+    with caplog.at_level(logging.WARNING):
+        (info, _), = pooled_leaderboards(RECORDS + other)
+    assert info["max_abs_diff"] == pytest.approx(0.01)
+    assert "differ by up to 0.01" in caplog.text
+
+
+def test_pooled_table_only_for_several_machines(tmp_path):
+    assert pooled_leaderboards(RECORDS) == []
+    other = [_record("random", 20, 2, 0.08, cpu="cpu B")]
+    write_reports(RECORDS + other, tmp_path)
+    assert (tmp_path / "accuracy-across-hardware.md").exists()
+    # Rewritten from one machine's cells, the earlier pooled table is stale and goes.
+    paths = write_reports(RECORDS, tmp_path)
+    assert "pooled" not in paths
+    assert not (tmp_path / "accuracy-across-hardware.md").exists()
+
+
+def test_pooled_table_keeps_failed_cell_without_ok_copy():
+    failed = dict(_record("random", 20, 3, 0.0, cpu="cpu B"), outcome="failed", test=None)
+    rerun_failed = dict(_record("random", 20, 0, 0.0, cpu="cpu B"), outcome="failed", test=None)
+    (_, table), = pooled_leaderboards(RECORDS + [failed, rerun_failed])
+    row = table[table["method"] == "random"].iloc[0]
+    # Seed 0 finished on cpu A, so only seed 3's failure is counted.
+    assert row["seeds"] == 2
+    assert row["not_ok"] == 1
