@@ -183,8 +183,14 @@ def cooc_target(item_vectors: torch.Tensor, top_k: int, chunk: int = 1024) -> tu
 
 def _pair_mass(flat: torch.Tensor, others: torch.Tensor, neighbours: torch.Tensor, start: int) -> torch.Tensor:
     """``sum_r flat[r, j] * others[r, neighbours[j, i]]`` for the rows ``j`` of one chunk."""
-    mine = flat[:, start:start + neighbours.shape[0]]
-    return torch.einsum("rc,rck->ck", mine, others[:, neighbours])
+    chunk, k = neighbours.shape
+    mine = flat[:, start:start + chunk]
+    # gather gives the same values and gradients as others[:, neighbours], bit for bit (its backward
+    # adds in the same order), but its backward is a scatter-add rather than an accumulating
+    # index_put, about 5x faster on CPU at the games size.
+    index = neighbours.reshape(1, -1).expand(others.shape[0], -1)
+    near = torch.gather(others, 1, index).view(others.shape[0], chunk, k)
+    return torch.einsum("rc,rck->ck", mine, near)
 
 
 def cooc_loss(rows: torch.Tensor, neighbours: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from bench import topk
 from bench.topk import TunedTextSASRec, local_ids, sample_items
 from methods.foster import (
     FosterRun,
+    _pair_mass,
     cooc_loss,
     cooc_target,
     initial_item_ids,
@@ -395,6 +396,30 @@ def test_cooc_loss_matches_dense_definition(games_vectors):
     neighbours, weights = cooc_target(vectors, top_k=4)
     assert torch.allclose(cooc_loss(rows, neighbours, weights).double(), _dense_cooc_loss(rows, neighbours, weights),
                           rtol=1e-4)
+
+
+def test_pair_mass_gather_matches_advanced_indexing_bitwise(games_vectors):
+    # Records made before the gather stay reproducible only if values and gradients agree bit for bit.
+    z = torch.randn(4, 10, games_vectors.shape[1], generator=torch.Generator().manual_seed(5))
+    rows = synthetic_rows(z, games_vectors, 0.05).reshape(40, -1)
+    neighbours, _ = cooc_target(games_vectors, top_k=6)
+    outputs, grads = [], []
+    for pair_mass in (_pair_mass, _indexed_pair_mass):
+        flat = rows.clone().requires_grad_(True)
+        others = rows.flip(0).clone().requires_grad_(True)
+        out = pair_mass(flat, others, neighbours[7:57], 7)
+        out.backward(torch.linspace(-1.0, 1.0, out.numel()).reshape(out.shape))
+        outputs.append(out.detach())
+        grads.append((flat.grad, others.grad))
+    assert torch.equal(outputs[0], outputs[1])
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert torch.equal(grads[0][1], grads[1][1])
+
+
+def _indexed_pair_mass(flat, others, neighbours, start):
+    """The pair mass with advanced indexing, as computed before the gather."""
+    mine = flat[:, start:start + neighbours.shape[0]]
+    return torch.einsum("rc,rck->ck", mine, others[:, neighbours])
 
 
 def test_cooc_target_rows_sum_to_one_without_self(games_vectors):
