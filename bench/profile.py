@@ -40,8 +40,10 @@ settings come from one suite (``--suite``, default ``games``), the same for
 every dataset, so the catalogue size is the only thing that changes between
 rows of one method.
 
-Outputs: a table on stdout, and ``OUT/profile/profile.csv`` and
-``OUT/profile/profile.md``.
+Outputs: a table on stdout, and ``OUT/profile/TABLE.csv`` and
+``OUT/profile/TABLE.md`` (``--table``, default ``profile``), so profiles of
+several machines can sit side by side. The Markdown note names the CPU, the
+torch threads and the load average when the profile started.
 
 ``--from-table CSV`` times nothing: it reads a table an earlier profile wrote,
 fills ``best_s`` from the records again and rewrites that table and its
@@ -59,6 +61,7 @@ import dataclasses
 import logging
 import math
 import multiprocessing
+import os
 import re
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -86,6 +89,31 @@ LEGEND = (
     "epoch_s = step_s x training sequences / real batch; distill_rss_mib = peak RSS during distill minus RSS "
     "at its start; *_vs_foster = value / FOSTER's value.\n"
 )
+
+
+def _table_name(text: str) -> str:
+    """Parse ``--table``: a plain file name, so the tables stay under OUT/profile."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", text) or text.endswith((".csv", ".md")):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a plain table name: use letters, digits, '.', '_' or '-', without a folder "
+            "or extension, e.g. profile-xeon")
+    return text
+
+
+def _machine_note(threads: int | None) -> str:
+    """Describe the machine the timings come from: CPU, torch threads and load average at the start."""
+    from bench.profiling import hardware_info
+
+    info = hardware_info()
+    try:
+        load = ", load average {:.1f} at the start".format(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        load = ""
+    if threads is None:
+        import torch
+
+        threads = torch.get_num_threads()
+    return f"Machine: {info.get('cpu')} ({info.get('cpu_count')} cores), {threads} torch threads{load}. "
 
 
 def _names(text: str) -> list[str]:
@@ -131,6 +159,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--records-suite", type=_names, default=None,
                         help="comma-separated record folders under OUT/runs (suite names) that supply the "
                              "time to the best validation NDCG@10 (mean over seeds at --budget)")
+    parser.add_argument("--table", type=_table_name, default="profile",
+                        help="file name, without extension, of the tables under OUT/profile (default: profile)")
     parser.add_argument("--from-table", type=Path, default=None,
                         help="profile.csv of an earlier profile: time nothing, refill best_s from "
                              "--records-suite and rewrite that table and its .md")
@@ -427,6 +457,8 @@ def run(args: argparse.Namespace) -> int:
     budget = DEFAULT_BUDGET if args.budget is None else args.budget
     seq_len = DEFAULT_SEQ_LEN if args.seq_len is None else args.seq_len
     needs_expert = any(get_method(name).needs_expert for name in args.methods)
+    # Read before any work, so the load average is that of the other jobs, not of this profile.
+    machine = _machine_note(getattr(args, "threads", None))
     if REFERENCE not in args.methods:
         logger.warning("%s is not among the methods; the ratio columns will be NA", REFERENCE)
 
@@ -470,9 +502,10 @@ def run(args: argparse.Namespace) -> int:
     frame = add_ratios(frame)
     note = (
         f"Cost profile: {args.steps} distillation steps per method, budget {budget}x{seq_len}, "
-        f"suite {args.suite} settings, seed {args.seed}. "
+        f"suite {args.suite} settings, seed {args.seed}. " + machine
     )
-    write_tables(frame, args.out / "profile" / "profile.csv", note + _records_note(args, budget, seq_len) + LEGEND)
+    write_tables(frame, args.out / "profile" / f"{args.table}.csv",
+                 note + _records_note(args, budget, seq_len) + LEGEND)
     return 0 if (frame["outcome"] == "ok").all() else 1
 
 

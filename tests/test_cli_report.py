@@ -279,7 +279,7 @@ def test_config_labels_agree_across_groups():
     assert labels[0] != labels[1]
 
 
-def test_pooled_table_counts_shared_cell_once(tmp_path, caplog):
+def test_pooled_counts_shared_cell_once(tmp_path, caplog):
     # Seed 1 of random ran on both machines; seed 2 only on the second one.
     other = [_record("random", 20, 1, 0.06, cpu="cpu B"), _record("random", 20, 2, 0.08, cpu="cpu B")]
     (info, table), = pooled_leaderboards(RECORDS + other)
@@ -300,7 +300,7 @@ def test_pooled_table_counts_shared_cell_once(tmp_path, caplog):
     assert "1 cells ran on more than one machine" in text
 
 
-def test_pooled_table_warns_when_copies_differ(caplog):
+def test_pooled_warns_when_copies_differ(caplog):
     other = [_record("random", 20, 1, 0.07, cpu="cpu B")]
     with caplog.at_level(logging.WARNING):
         (info, _), = pooled_leaderboards(RECORDS + other)
@@ -308,7 +308,7 @@ def test_pooled_table_warns_when_copies_differ(caplog):
     assert "differ by up to 0.01" in caplog.text
 
 
-def test_pooled_table_only_for_several_machines(tmp_path):
+def test_pooled_only_for_several_machines(tmp_path):
     assert pooled_leaderboards(RECORDS) == []
     other = [_record("random", 20, 2, 0.08, cpu="cpu B")]
     write_reports(RECORDS + other, tmp_path)
@@ -319,7 +319,7 @@ def test_pooled_table_only_for_several_machines(tmp_path):
     assert not (tmp_path / "accuracy-across-hardware.md").exists()
 
 
-def test_pooled_table_keeps_failed_cell_without_ok_copy():
+def test_pooled_keeps_lone_failed_cell():
     failed = dict(_record("random", 20, 3, 0.0, cpu="cpu B"), outcome="failed", test=None)
     rerun_failed = dict(_record("random", 20, 0, 0.0, cpu="cpu B"), outcome="failed", test=None)
     (_, table), = pooled_leaderboards(RECORDS + [failed, rerun_failed])

@@ -106,6 +106,27 @@ def test_profile_writes_markdown(profile_run):
     text = (profile_run[1] / "profile" / "profile.md").read_text(encoding="utf-8")
     assert "epoch_vs_foster" in text
     assert "| td3" in text
+    # The note names the machine, so tables of two machines can be told apart.
+    assert "Machine: " in text
+    assert "1 torch threads" in text
+
+
+def test_profile_table_name_option(shared_data, tiny_suite, tmp_path):
+    args = _args(shared_data, tmp_path, tiny_suite, "--in-process", "--table", "profile-second")
+    args.methods = ["head"]
+    assert run(args) == 0
+    assert (tmp_path / "profile" / "profile-second.csv").exists()
+    assert (tmp_path / "profile" / "profile-second.md").exists()
+    assert not (tmp_path / "profile" / "profile.csv").exists()
+
+
+@pytest.mark.parametrize("name", ["../elsewhere", "profile.csv", "", "a/b"])
+def test_profile_table_name_rejects_paths(name, capsys):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--table", name])
+    assert "plain table name" in capsys.readouterr().err
 
 
 def test_summarise_epoch_time_formula():
