@@ -346,8 +346,13 @@ def fit_with_validation(
             best_step, best_valid, best_score, stale = step, valid, valid[protocol.select_metric], 0
         else:
             stale += 1
-            if stale >= protocol.patience:
-                break
+        if progress and bar.disable:
+            # Without a terminal the bar is hidden, so a log file still shows how far training got.
+            logger.info("%s: step %d/%d, loss %.4f, valid %s %.4f (best %.4f at step %d)", desc, step,
+                        protocol.max_steps, loss.item(), protocol.select_metric, valid[protocol.select_metric],
+                        best_score, best_step)
+        if stale >= protocol.patience:
+            break
     bar.close()
     model.load_state_dict(best_state)
     model.eval()

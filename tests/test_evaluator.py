@@ -140,3 +140,20 @@ def test_batch_order_ignores_model_size_and_global_rng():
         firsts.append([source.next() for _ in range(3)])
     for a, b in zip(*firsts):
         assert torch.equal(a, b)
+
+
+def test_training_logs_scores_without_terminal(shared_data, caplog):
+    # pytest captures stderr, so the progress bar is hidden as in a log file.
+    data = load_dataset("steam", data_dir=shared_data, config=DatasetConfig(sample_users=200, sample_seed=0))
+    vectors = torch.randn(data.n_items, 16, generator=torch.Generator().manual_seed(0))
+    protocol = Protocol(learner=LearnerConfig(hidden=16, layers=1, max_len=20), max_steps=20, eval_every=10)
+    full = SyntheticSet.from_sequences([s for s in data.train_seqs if len(s) >= 2], data.n_items, 21)
+    with caplog.at_level("INFO", logger="bench.evaluator"):
+        evaluate_set(full, data, vectors, protocol, seed=0, progress=True)
+    lines = [r.getMessage() for r in caplog.records if "step" in r.getMessage() and "valid" in r.getMessage()]
+    assert len(lines) == 2
+    assert lines[0].startswith("train seed 0: step 10/20")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="bench.evaluator"):
+        evaluate_set(full, data, vectors, protocol, seed=0, progress=False)
+    assert not [r for r in caplog.records if "valid ndcg" in r.getMessage()]
