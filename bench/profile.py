@@ -110,9 +110,7 @@ def _machine_note(threads: int | None) -> str:
     except (AttributeError, OSError):
         load = ""
     if threads is None:
-        import torch
-
-        threads = torch.get_num_threads()
+        threads = info["torch_threads"]
     return f"Machine: {info.get('cpu')} ({info.get('cpu_count')} cores), {threads} torch threads{load}. "
 
 

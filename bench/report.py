@@ -257,8 +257,6 @@ def leaderboards(records, metrics=DEFAULT_METRICS,
     return out
 
 
-# The cell key without the machine: copies of one cell on two machines share it.
-_POOLED_KEY = tuple(name for name in CELL_KEY if name != "hardware")
 _COST_COLUMNS = ("distill_wall_s", "distill_peak_rss_mib")
 
 
@@ -300,8 +298,8 @@ def pooled_leaderboards(records, metrics=DEFAULT_METRICS,
         # Failed copies of a cell that finished elsewhere are dropped; the ok copy stands for the cell.
         failed = group[group["outcome"] != "ok"]
         failed = failed[~pd.Series(_pooled_keys(failed), index=failed.index).isin(set(cell))]
-        kept = pd.concat([ok.loc[~cell.duplicated(keep="first")], failed])
-        table = _aggregate(kept, metrics, variants)
+        counted = pd.concat([ok.loc[~cell.duplicated(keep="first")], failed])
+        table = _aggregate(counted, metrics, variants)
         labels = _labels(group, variants)
         machines = group.assign(label=labels, budget_key=group["budget"].fillna(-1)).groupby(
             ["label", "budget_key"], dropna=False)["hardware"].nunique()
@@ -316,7 +314,7 @@ def pooled_leaderboards(records, metrics=DEFAULT_METRICS,
 
 
 def _pooled_keys(frame: pd.DataFrame) -> list[tuple]:
-    """Return :func:`_cell_keys` without the hardware entry."""
+    """Return :func:`_cell_keys` without the hardware entry, so copies of a cell on two machines match."""
     drop = CELL_KEY.index("hardware")
     return [key[:drop] + key[drop + 1:] for key in _cell_keys(frame)]
 
@@ -345,7 +343,7 @@ def render_pooled_markdown(boards, metrics=DEFAULT_METRICS) -> str:
         for row, machines in zip(rows, table["machines"]):
             row.insert(3, int(machines))
         parts.append(tabulate(rows, headers=headers, tablefmt="pipe", disable_numparse=True,
-                              colalign=["left"] + ["right"] * (len(headers) - 1)))
+                              colalign=_alignment(metrics) + ["right"]))
         parts.append("")
     return "\n".join(parts) + "\n"
 

@@ -106,7 +106,7 @@ def test_profile_writes_markdown(profile_run):
     text = (profile_run[1] / "profile" / "profile.md").read_text(encoding="utf-8")
     assert "epoch_vs_foster" in text
     assert "| td3" in text
-    # The note names the machine, so tables of two machines can be told apart.
+    # The note names the machine, so tables from two machines can be distinguished.
     assert "Machine: " in text
     assert "1 torch threads" in text
 
