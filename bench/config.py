@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from typing import Any, Mapping, TypeVar
@@ -44,6 +46,9 @@ def _coerce(value: Any, annotation: Any, key: str, where: str) -> Any:
     if origin in (tuple, list):
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            # One number stands for a list of one, e.g. --set budgets=20.
+            value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
         inner = args[0] if args else Any
@@ -74,9 +79,14 @@ def _coerce(value: Any, annotation: Any, key: str, where: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: {key} must be a number, got {value!r}") from None
+        # NaN fails every range comparison and inf silently disables caps, so
+        # neither may reach a config (TOML and float() both accept them).
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: {key} must be a finite number, got {value!r}")
+        return number
     if annotation is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
@@ -151,15 +161,36 @@ def stable_hash(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
 
 
+# A name that becomes one path component under an output folder: no separator,
+# no leading dot, so it can neither climb out of the folder nor hide a file.
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_plain_name(where: str, key: str, value: Any) -> None:
+    """Raise ConfigError unless ``value`` is a plain name (see ``PLAIN_NAME``)."""
+    if not isinstance(value, str) or not PLAIN_NAME.fullmatch(value):
+        raise ConfigError(
+            f"{where}: invalid {key}={value!r}; use letters, digits, '.', '_' or '-', starting with a letter "
+            "or digit and without a folder, e.g. games-tuned"
+        )
+
+
 def check_range(where: str, key: str, value: Any, *, low=None, high=None, low_open=False) -> None:
-    """Raise ConfigError unless ``low <= value <= high`` (``low < value`` if low_open)."""
-    bad = False
-    if low is not None:
-        bad = value <= low if low_open else value < low
+    """Raise ConfigError unless ``low <= value <= high`` (``low < value`` if low_open).
+
+    NaN and infinite values always fail: comparisons with NaN are false, so a
+    plain range test would let them through.
+    """
+    finite = not isinstance(value, float) or math.isfinite(value)
+    bad = not finite
+    if low is not None and (value <= low if low_open else value < low):
+        bad = True
     if high is not None and value > high:
         bad = True
     if bad:
         lo = "" if low is None else (f"> {low}" if low_open else f">= {low}")
         hi = "" if high is None else f"<= {high}"
         rng = " and ".join(x for x in (lo, hi) if x)
+        if not finite:
+            rng = f"a finite number {rng}".rstrip()
         raise ConfigError(f"{where}: invalid {key}={value!r}; it must be {rng}")

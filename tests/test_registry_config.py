@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from bench.config import build_config
+from bench.config import build_config, check_range
 from bench.errors import ConfigError, UnknownNameError
 from bench.registry import get_method, method_names
 
@@ -33,9 +33,24 @@ def test_build_config_coerces_types():
     assert cfg == _Example(steps=12, rate=1.0, flag=True, seeds=(1, 2))
 
 
+def test_build_config_reads_one_number_as_list():
+    assert build_config(_Example, {"seeds": 3}).seeds == (3,)
+
+
 def test_build_config_unknown_key_near_match():
     with pytest.raises(ConfigError, match="Did you mean 'steps'"):
         build_config(_Example, {"stpes": 3})
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", float("nan"), float("-inf")])
+def test_build_config_rejects_non_finite_numbers(value):
+    with pytest.raises(ConfigError, match="rate must be a finite number"):
+        build_config(_Example, {"rate": value})
+
+
+def test_check_range_rejects_nan():
+    with pytest.raises(ConfigError, match=r"invalid lr=nan; it must be a finite number > 0"):
+        check_range("suite protocol", "lr", float("nan"), low=0, low_open=True)
 
 
 def test_build_config_wrong_type_names_value():
