@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--name", help="suite name used for the records folder (default: the suite's)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a suite value by dotted key, e.g. protocol.max_steps=500 or "
-                          "method.random.x=1; repeatable")
+                          "method.foster.steps=100 or data.kcore=2; repeatable")
     run.add_argument("--no-pop", action="store_true", help="skip the most-popular reference row")
     run.add_argument("--wall-cap-s", type=float, help="wall-time cap of one distillation, seconds")
     run.add_argument("--rss-cap-mib", type=float, help="resident-memory cap of one distillation, MiB")
@@ -214,7 +214,8 @@ def _cmd_tune(args) -> int:
     from bench.tune import StudySettings, tune
 
     suite = load_suite(args.suite, _parse_set(args.set))
-    budget = Budget(args.budget, args.seq_len or suite.seq_len) if args.budget is not None else None
+    seq_len = suite.seq_len if args.seq_len is None else args.seq_len
+    budget = Budget(args.budget, seq_len) if args.budget is not None else None
     label = budget.label() if budget else "all"
     settings = StudySettings(
         storage=args.storage or f"sqlite:///{(args.out / 'studies' / 'tune.db').resolve()}",
@@ -251,9 +252,11 @@ def _cmd_list(args) -> int:
 
 
 def _cmd_report(args) -> int:
+    from bench.config import check_plain_name
     from bench.records import read_records
     from bench.report import cells_frame, read_archived_cells, render_markdown, report_lock, write_reports
 
+    check_plain_name("report", "--suite", args.suite)
     folder = args.out / args.suite
     with report_lock(folder):
         records = read_records(args.out / "runs" / args.suite)

@@ -73,6 +73,7 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
+from bench.config import PLAIN_NAME
 from bench.errors import BenchError, CappedError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ LEGEND = (
 
 def _table_name(text: str) -> str:
     """Parse ``--table``: a plain file name, so the tables stay under OUT/profile."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", text) or text.endswith((".csv", ".md")):
+    if not PLAIN_NAME.fullmatch(text) or text.endswith((".csv", ".md")):
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a plain table name: use letters, digits, '.', '_' or '-', without a folder "
             "or extension, e.g. profile-xeon")

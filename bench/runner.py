@@ -23,9 +23,10 @@ import numpy as np
 import torch
 
 from bench import __version__
-from bench.config import build_config, check_range, config_dict, record_config, stable_hash
+from bench.config import build_config, check_plain_name, check_range, config_dict, record_config, stable_hash
 from bench.context import MethodContext, SharedCache, derive_seed
 from bench.data import DatasetConfig, load_dataset
+from bench.data.recipes import resolve_recipe
 from bench.errors import BenchError, CappedError, ConfigError, suggest
 from bench.evaluator import Protocol, evaluate_popularity, evaluate_set, train_on_set
 from bench.expert import ExpertConfig
@@ -83,6 +84,7 @@ class Suite:
     rss_cap_mib: float | None = None
 
     def __post_init__(self) -> None:
+        check_plain_name("suite", "name", self.name)
         if not self.datasets:
             raise ConfigError("suite: datasets is empty; name at least one dataset")
         if not self.methods:
@@ -210,6 +212,11 @@ def load_suite(name_or_path: str, overrides: Mapping[str, Any] | None = None) ->
         mapping = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"suite file {path} is not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"suite file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                          "save it as UTF-8") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read suite file {path}: {exc.strerror or exc}; pass a TOML file") from exc
     return suite_from_mapping(mapping, overrides)
 
 
@@ -356,6 +363,17 @@ def run_cell(cell: Cell, suite: Suite, cache: SharedCache, method_values: dict |
     return body
 
 
+def check_datasets(suite: Suite, data_dir: Path | str | None = None) -> None:
+    """Resolve every dataset name of ``suite``, so a misspelt name stops the run before any cell.
+
+    Raises:
+        UnknownNameError: a name is neither a recipe nor an atomic folder in the data dir.
+        ConfigError: a recipe file is malformed.
+    """
+    for dataset in suite.datasets:
+        resolve_recipe(dataset, data_dir)
+
+
 def run_suite(
     suite: Suite,
     *,
@@ -386,6 +404,7 @@ def run_suite(
     env = environment()
     data_config = build_config(DatasetConfig, dict(suite.data), where="suite data")
     counts = {"ran": 0, "skipped": 0, "failed": 0}
+    check_datasets(suite, data_dir)
     for dataset in suite.datasets:
         data = load_dataset(dataset, data_dir=data_dir, data_home=data_home, config=data_config)
         cache = SharedCache(data, suite.encoder, suite.protocol.learner, suite.expert, cache_dir)
@@ -467,6 +486,7 @@ def prepare_suite(
         Per dataset, the amortised costs measured (or read from the cache).
     """
     data_config = build_config(DatasetConfig, dict(suite.data), where="suite data")
+    check_datasets(suite, data_dir)
     out = {}
     for dataset in suite.datasets:
         data = load_dataset(dataset, data_dir=data_dir, data_home=data_home, config=data_config)

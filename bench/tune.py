@@ -33,8 +33,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import optuna
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
-from bench.config import build_config, config_dict
+from bench.config import build_config, check_range, config_dict
 from bench.context import MethodContext, SharedCache, derive_seed
 from bench.data import DatasetConfig, load_dataset
 from bench.errors import CappedError, ConfigError
@@ -81,6 +83,15 @@ class StudySettings:
             raise ConfigError(
                 f"tune: heartbeat_s={self.heartbeat_s} must be >= 1 and grace_s={self.grace_s} larger than it"
             )
+        if self.workers < 1:
+            raise ConfigError(f"tune: workers={self.workers} must be >= 1 (the processes you start on this study)")
+        try:
+            make_url(self.storage)
+        except ArgumentError:
+            raise ConfigError(
+                f"tune: storage {self.storage!r} is not a database URL; use sqlite:///PATH/tune.db or "
+                "postgresql://USER@HOST/DB"
+            ) from None
 
 
 @contextmanager
@@ -275,7 +286,14 @@ def tune(
     Returns:
         The summary: best params and value, trials used (COMPLETE + PRUNED),
         failed trials, and whether the run is reproducible.
+
+    Raises:
+        ConfigError: on an unknown method or a trial wall cap that is not a
+            positive finite number, before the dataset loads.
     """
+    get_method(method)
+    if trial_wall_cap_s is not None:
+        check_range("tune", "trial_wall_cap_s", float(trial_wall_cap_s), low=0, low_open=True)
     data = load_dataset(dataset, data_dir=data_dir, data_home=data_home,
                         config=build_config(DatasetConfig, dict(suite.data), where="suite data"))
     cache = SharedCache(data, suite.encoder, suite.protocol.learner, suite.expert, Path(out_dir) / "cache")

@@ -47,6 +47,42 @@ def test_unknown_dataset_exits_2_with_hint(shared_data, tmp_path):
     assert "games" in result.stderr
 
 
+def test_misspelt_second_dataset_stops_before_any_cell(shared_data, tmp_path):
+    # The first dataset is valid; its cells must not run when a later name is wrong.
+    code = main(["run", "--datasets", "steam,gmaes", "--methods", "random", "--budgets", "2", "--seeds", "0",
+                 "--no-pop", "--data-dir", str(shared_data), "--out", str(tmp_path)])
+    assert code == 2
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b'name = "caf\xe9"\n', "is not UTF-8 text"),
+    (None, "cannot read suite file"),
+])
+def test_unreadable_suite_file_exits_2(tmp_path, capsys, content, expected):
+    path = tmp_path / "s.toml"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    assert main(["run", "--suite", str(path), "--out", str(tmp_path)]) == 2
+    assert expected in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "", ".hidden"])
+def test_suite_name_must_be_plain(tmp_path, capsys, name):
+    assert main(["run", "--name", name, "--out", str(tmp_path / "out")]) == 2
+    assert f"invalid name={name!r}" in capsys.readouterr().err
+    assert main(["report", "--suite", name, "--out", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_wall_cap_rejected(tmp_path, capsys):
+    # NaN compares false with everything, so a NaN cap would never fire.
+    assert main(["run", "--wall-cap-s", "nan", "--out", str(tmp_path)]) == 2
+    assert "must be a finite number" in capsys.readouterr().err
+
+
 def test_unknown_method_exits_2_with_hint(tmp_path):
     assert main(["run", "--methods", "fostr", "--out", str(tmp_path)]) == 2
 

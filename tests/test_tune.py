@@ -17,6 +17,8 @@ from pathlib import Path
 import optuna
 import pytest
 
+from bench.cli import main
+
 from bench.errors import ConfigError
 from bench.tune import StudySettings, finished_trials, open_study, run_study
 
@@ -196,6 +198,23 @@ def test_pruned_trials_count_as_used(tmp_path):
 def test_invalid_settings_rejected():
     with pytest.raises(ConfigError, match="n_trials"):
         StudySettings(storage="sqlite:///x.db", study_name="s", n_trials=0)
+    with pytest.raises(ConfigError, match="workers=0 must be >= 1"):
+        StudySettings(storage="sqlite:///x.db", study_name="s", workers=0)
+    with pytest.raises(ConfigError, match="'notaurl' is not a database URL"):
+        StudySettings(storage="notaurl", study_name="s")
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--method", "nosuch"], "unknown method 'nosuch'"),
+    (["--method", "random", "--budget", "2", "--trial-wall-cap-s", "nan"], "trial_wall_cap_s=nan"),
+    (["--method", "random", "--budget", "2", "--trial-wall-cap-s", "-1"], "trial_wall_cap_s=-1.0"),
+    (["--method", "random", "--budget", "2", "--seq-len", "0"], "seq_len=0"),
+])
+def test_tune_rejects_bad_arguments_before_loading(tmp_path, capsys, args, expected):
+    # The dataset name is unknown too: each bad value must be caught before the data loads.
+    code = main(["tune", "--dataset", "not-loaded", "--data-dir", str(tmp_path), "--out", str(tmp_path), *args])
+    assert code == 2
+    assert expected in capsys.readouterr().err
 
 
 def test_tune_real_objective_on_steam_slice(shared_data, tmp_path):

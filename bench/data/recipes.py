@@ -168,6 +168,9 @@ def load_recipe(path: Path | str) -> Recipe:
             table = tomllib.load(handle)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"recipe {path} is not valid TOML: {exc}. Fix the syntax.") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"recipe {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                          "save it as UTF-8.") from exc
     except OSError as exc:
         raise ConfigError(f"cannot read recipe {path}: {exc}.") from exc
 
