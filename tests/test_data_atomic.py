@@ -293,3 +293,26 @@ def test_missing_item_file_raises(tmp_path):
         load_dataset("lonely", data_dir=tmp_path, config=NO_FILTER)
     assert "missing file" in str(caught.value)
     assert "lonely.item" in str(caught.value)
+
+
+@pytest.mark.parametrize("inter_rows, item_rows, expected", [
+    ([("u1", "a", "1"), ("", "b", "2")], [("a", "A"), ("b", "B")], "line 3: user_id is empty (1 such row(s))"),
+    ([("u1", "a", "1"), ("u1", " ", "2")], [("a", "A"), ("b", "B")], "line 3: item_id is empty"),
+    ([("u1", "a", "1")], [("a", "A"), ("", "B")], "e.item line 3: item_id is empty"),
+])
+def test_empty_id_raises(tmp_path, inter_rows, item_rows, expected):
+    # Every row with an empty id would otherwise merge into one user or item.
+    write_dataset(tmp_path, "e", inter_rows, item_rows)
+    with pytest.raises(DataError) as caught:
+        load_dataset("e", data_dir=tmp_path, config=NO_FILTER)
+    assert expected in str(caught.value)
+
+
+def test_gzip_bytes_without_suffix_named(tmp_path):
+    folder = write_dataset(tmp_path, "z", [("u1", "a", "1"), ("u1", "b", "2")], [("a", "A"), ("b", "B")])
+    inter = folder / "z.inter"
+    inter.write_bytes(gzip.compress(inter.read_bytes()))
+    # latin-1 decodes any byte, so only the signature check can name the cause.
+    with pytest.raises(DataError) as caught:
+        load_dataset("z", data_dir=tmp_path, config=DatasetConfig(kcore=0, encoding="latin-1"))
+    assert "z.inter is gzip-compressed but its name does not end in .gz" in str(caught.value)

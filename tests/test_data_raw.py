@@ -124,6 +124,53 @@ def test_amazon_numeric_asin_rejected(amazon):
     assert "'asin' is 1388703, not a string" in str(caught.value)
 
 
+def test_amazon_misspelt_text_field_named(amazon):
+    # No metadata record has the field, so it is a wrong name, not missing text;
+    # even missing_text="empty" must not turn every title into "".
+    data_dir, recipe = amazon
+    config = DatasetConfig(kcore=0, text_field="titel", missing_text="empty")
+    with pytest.raises(DataError) as caught:
+        load_from_recipe(recipe, data_dir=data_dir, config=config)
+    message = str(caught.value)
+    assert "no record has the text field 'titel'" in message
+    assert "asin, brand, title" in message
+
+
+@pytest.mark.parametrize("digits", [401, 5001])
+def test_amazon_huge_integer_time_named(amazon, digits):
+    # 401 digits overflow a float; 5001 exceed Python's integer-string limit inside json.
+    data_dir, recipe = amazon
+    reviews = data_dir / "amazon" / "Toys.json.gz"
+    huge = "9" * digits
+    write_lines(reviews, [review("A1", "B00002", 1),
+                          '{"reviewerID": "A1", "asin": "B00003", "unixReviewTime": ' + huge + "}"])
+    with pytest.raises(DataError) as caught:
+        load_from_recipe(recipe, data_dir=data_dir, config=NO_FILTER)
+    assert "Toys.json.gz line 2" in str(caught.value)
+
+
+def test_amazon_empty_reviewer_rejected(amazon):
+    data_dir, recipe = amazon
+    reviews = data_dir / "amazon" / "Toys.json.gz"
+    write_lines(reviews, [review("A1", "B00002", 1), review("", "B00003", 2)])
+    with pytest.raises(DataError) as caught:
+        load_from_recipe(recipe, data_dir=data_dir, config=NO_FILTER)
+    assert "Toys.json.gz line 2: 'reviewerID' is empty" in str(caught.value)
+
+
+def test_gzip_data_without_suffix_named(amazon):
+    data_dir, recipe = amazon
+    folder = data_dir / "amazon"
+    (folder / "Toys.json.gz").rename(folder / "Toys.json")
+    plain = load_recipe(write_recipe(data_dir / "plain.toml", (
+        'format = "amazon2018"\nfolder = "amazon"\n'
+        'reviews_file = "Toys.json"\nmeta_file = "meta_Toys.json.gz"\n'
+    )))
+    with pytest.raises(DataError) as caught:
+        load_from_recipe(plain, data_dir=data_dir, config=NO_FILTER)
+    assert "Toys.json is gzip-compressed but its name does not end in .gz" in str(caught.value)
+
+
 def test_amazon_recipe_requires_files(tmp_path):
     path = write_recipe(tmp_path / "toys.toml", 'format = "amazon2018"\nreviews_file = "Toys.json.gz"\n')
     with pytest.raises(ConfigError) as caught:
@@ -175,6 +222,14 @@ def test_yelp_text_with_categories(yelp):
     texts = dict(zip(data.item_ids, data.item_texts))
     assert texts["b1"] == "Café Olé, Coffee & Tea"
     assert texts["b2"] == "Noodle Bar"
+
+
+def test_yelp_misspelt_text_field_named(yelp):
+    data_dir, recipe = yelp
+    config = DatasetConfig(kcore=0, text_field="name,categorys", missing_text="empty")
+    with pytest.raises(DataError) as caught:
+        load_from_recipe(recipe, data_dir=data_dir, config=config)
+    assert "no record has the text field 'categorys'" in str(caught.value)
 
 
 def test_yelp_bad_date_named(yelp):

@@ -118,6 +118,8 @@ def read_interactions(path: Path, encoding: str) -> pd.DataFrame:
             f"{path} has a header but no interaction rows. "
             "Add rows of user_id, item_id and timestamp separated by tabs."
         )
+    for field in ("user_id", "item_id"):
+        _reject_empty_ids(table, field)
     raw_timestamps = table.frame["timestamp"].to_numpy(dtype=object)
     timestamps = _parse_timestamps(table, raw_timestamps)
     return pd.DataFrame(
@@ -127,6 +129,17 @@ def read_interactions(path: Path, encoding: str) -> pd.DataFrame:
             "timestamp": timestamps,
         }
     )
+
+
+def _reject_empty_ids(table: AtomicTable, field: str) -> None:
+    """Raise on an empty or blank id, which would merge all such rows into one user or item."""
+    empty = (table.frame[field].str.strip() == "").to_numpy()
+    if empty.any():
+        row = int(np.flatnonzero(empty)[0])
+        raise DataError(
+            f"{table.path} line {table.line_numbers[row]}: {field} is empty "
+            f"({int(empty.sum())} such row(s)). Fix or remove the row."
+        )
 
 
 def _parse_timestamps(table: AtomicTable, raw_timestamps: np.ndarray) -> np.ndarray:
@@ -169,6 +182,7 @@ def read_item_texts(
     """
     table = read_atomic_table(path, encoding, required=dict([ITEM_ID_FIELD]))
     text_field = _select_text_field(table, text_field)
+    _reject_empty_ids(table, "item_id")
     ids = table.frame["item_id"]
     duplicated = ids.duplicated(keep=False).to_numpy()
     if duplicated.any():
@@ -279,6 +293,8 @@ def _read_text(path: Path, encoding: str) -> str:
         data = path.read_bytes()
         if path.name.endswith(".gz"):
             data = gzip.decompress(data)
+        else:
+            reject_gzip_bytes(path, data[:2])
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError(
             f"cannot read {path}: {exc}. If the file is meant to be gzip-compressed, "
@@ -288,6 +304,23 @@ def _read_text(path: Path, encoding: str) -> str:
         return data.decode(encoding)
     except UnicodeDecodeError as exc:
         raise decode_error(path, data, exc, encoding) from None
+
+
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def reject_gzip_bytes(path: Path, head: bytes) -> None:
+    """Raise when a file without the ``.gz`` suffix starts with the gzip signature.
+
+    Without this, such a file fails later as undecodable text, or, under a
+    single-byte encoding, as a malformed header, and neither message points
+    at the compression.
+    """
+    if head[:2] == GZIP_MAGIC:
+        raise DataError(
+            f"{path} is gzip-compressed but its name does not end in .gz. Rename it to {path.name}.gz "
+            "(the recipe's file name too) or decompress it."
+        )
 
 
 def decode_error(
@@ -309,8 +342,8 @@ def decode_error(
     byte = data[exc.start]
     return DataError(
         f"{path} line {line}: byte 0x{byte:02X} is not valid {encoding}. "
-        "If the file uses another encoding, set it: encoding = \"latin-1\" in the "
-        "recipe's [config] table, or DatasetConfig(encoding=\"latin-1\")."
+        "If the file uses another encoding, set it: --set data.encoding=latin-1 on the command line, "
+        "encoding = \"latin-1\" in the recipe's [config] table, or DatasetConfig(encoding=\"latin-1\")."
     )
 
 

@@ -189,7 +189,8 @@ def build_split(name: str, raw: RawDataset, config: DatasetConfig) -> SplitData:
             f"dataset {name!r}: no interactions remain after the k-core filter "
             f"(kcore={config.kcore}, max_seq_len={config.max_seq_len}, "
             f"{rows_after_dedup} rows before the filter). "
-            "Use a lower kcore, e.g. DatasetConfig(kcore=2), or 0 to disable the filter."
+            "Use a lower kcore (--set data.kcore=2 on the command line, or DatasetConfig(kcore=2)), "
+            "or 0 to disable the filter."
         )
     rows = _sample_users(rows, user_codes, config.sample_users, config.sample_seed)
     rows = _keep_recent(rows, user_codes, config.max_seq_len)
@@ -265,9 +266,9 @@ def _complete_item_texts(raw: RawDataset, config: DatasetConfig) -> dict[str, st
         more = f" and {len(missing) - MAX_LISTED_IDS} more" if len(missing) > MAX_LISTED_IDS else ""
         raise DataError(
             f"{len(missing)} item(s) in the interactions have no text row in "
-            f"{raw.text_source}: {listed}{more}. Add their rows, or set "
-            'missing_text = "empty" in the recipe or DatasetConfig(missing_text="empty") '
-            "to give them empty text."
+            f"{raw.text_source}: {listed}{more}. Add their rows, or give them empty text with "
+            "--set data.missing_text=empty, missing_text = \"empty\" in the recipe, or "
+            'DatasetConfig(missing_text="empty").'
         )
     logger.warning(
         "%d item(s) have no text row in %s and get empty text (missing_text='empty')",

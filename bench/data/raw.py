@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.data.atomic import decode_error
+from bench.data.atomic import decode_error, reject_gzip_bytes
 from bench.data.process import DatasetConfig, RawDataset
 from bench.errors import DataError
 
@@ -59,6 +59,9 @@ def iter_json_lines(
         raise DataError(f"missing file {path}. Check the recipe's file names and --data-dir.")
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
+        if opener is open:
+            with open(path, "rb") as handle:
+                reject_gzip_bytes(path, handle.read(2))
         with opener(path, "rb") as handle:
             for line_number, raw_line in enumerate(handle, start=1):
                 record = _parse_line(path, line_number, raw_line, encoding, python_literals)
@@ -85,7 +88,9 @@ def _parse_line(
         return None
     try:
         record = json.loads(line)
-    except json.JSONDecodeError as json_exc:
+    except ValueError as json_exc:
+        # JSONDecodeError, or the ValueError json raises for an integer
+        # literal beyond Python's digit limit.
         if not python_literals:
             raise DataError(
                 f"{path} line {line_number} is not valid JSON: {json_exc}. "
@@ -115,9 +120,12 @@ def _require_string(path: Path, line_number: int, record: dict, key: str) -> str
     value = record[key]
     if not isinstance(value, str):
         raise DataError(
-            f"{path} line {line_number}: {key!r} is {value!r}, not a string. "
+            f"{path} line {line_number}: {key!r} is {value!r:.60}, not a string. "
             "Ids and dates must be JSON strings; ids stay strings so leading zeros survive."
         )
+    if not value.strip():
+        # An empty id would merge every such line into one user or item.
+        raise DataError(f"{path} line {line_number}: {key!r} is empty. Fix or remove the line.")
     return value
 
 
@@ -153,13 +161,16 @@ def read_amazon2018(
     text_field = config.text_field or AMAZON_TEXT_FIELD
     texts: dict[str, str] = {}
     duplicate_lines = 0
+    fields = _FieldCheck(meta_path, (text_field,))
     for line_number, record in iter_json_lines(meta_path, config.encoding, python_literals=True):
         asin = _require_string(meta_path, line_number, record, "asin")
+        fields.see(record)
         title = _optional_text(meta_path, line_number, record, text_field)
         if asin in texts:
             duplicate_lines += 1
         elif title is not None:
             texts[asin] = title
+    fields.check()
     if duplicate_lines:
         logger.info("%s: %d repeated asin line(s) ignored; the first title wins", meta_path, duplicate_lines)
 
@@ -179,14 +190,42 @@ def _unix_time(path: Path, line_number: int, value) -> float:
         )
     try:
         seconds = float(value)
-    except ValueError:
+    except (ValueError, OverflowError):
         seconds = float("nan")
     if not np.isfinite(seconds):
         raise DataError(
-            f"{path} line {line_number}: unixReviewTime {value!r} is not a finite number. "
+            f"{path} line {line_number}: unixReviewTime {value!r:.60} is not a finite number. "
             "It must be Unix seconds, e.g. 1419897600."
         )
     return seconds
+
+
+class _FieldCheck:
+    """Track which text fields occur in a metadata file, to catch a misspelt ``text_field``.
+
+    A field that no record carries is a wrong name, not missing text: without
+    this check it would surface later as "no text row" for every item, or
+    as empty texts under ``missing_text = "empty"``.
+    """
+
+    def __init__(self, path: Path, names) -> None:
+        self.path = path
+        self.missing = list(names)
+        self.example: list[str] = []
+
+    def see(self, record: dict) -> None:
+        if not self.example:
+            self.example = sorted(map(str, record))
+        if self.missing:
+            self.missing = [name for name in self.missing if name not in record]
+
+    def check(self) -> None:
+        if self.missing and self.example:
+            names = ", ".join(repr(name) for name in self.missing)
+            raise DataError(
+                f"{self.path}: no record has the text field {names}. The first record's keys are "
+                f"{', '.join(self.example[:20])}. Set text_field (--set data.text_field=NAME) to one of them."
+            )
 
 
 def _optional_text(path: Path, line_number: int, record: dict, key: str) -> str | None:
@@ -239,12 +278,15 @@ def read_yelp(
             "separated by commas, e.g. \"name,categories\"."
         )
     texts: dict[str, str] = {}
+    fields = _FieldCheck(business_path, text_fields)
     for line_number, record in iter_json_lines(business_path, config.encoding):
         business_id = _require_string(business_path, line_number, record, "business_id")
+        fields.see(record)
         parts = [_optional_text(business_path, line_number, record, field) for field in text_fields]
         present = [part for part in parts if part is not None]
         if present and business_id not in texts:
             texts[business_id] = YELP_TEXT_JOINER.join(part for part in present if part)
+    fields.check()
 
     return RawDataset(
         interactions=_interaction_frame(users, items, timestamps),
