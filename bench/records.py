@@ -88,4 +88,8 @@ def read_records(folder: Path) -> list[dict]:
             continue
         if isinstance(record, dict) and record.get("schema") == RECORD_SCHEMA:
             records.append(record)
+        else:
+            found = record.get("schema") if isinstance(record, dict) else type(record).__name__
+            logger.warning("skipping %s: not a record of schema %s (found %r); move it out of the runs folder "
+                           "or run its cell again", path, RECORD_SCHEMA, found)
     return records

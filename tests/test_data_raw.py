@@ -281,3 +281,14 @@ def test_yelp_reader_returns_utc_seconds(tmp_path):
                     tmp_path / "yelp" / "yelp_academic_dataset_business.json", DatasetConfig())
     assert raw.interactions["timestamp"].iloc[3] == 1_546_300_799.0
     assert raw.interactions["user_id"].tolist() == ["U1", "U1", "U1", "U2"]
+
+
+def test_yelp_repeated_business_logged(yelp, caplog):
+    data_dir, recipe = yelp
+    path = data_dir / "yelp" / "yelp_academic_dataset_business.json"
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"business_id": "b1", "name": "Other Name"}) + "\n")
+    with caplog.at_level("INFO", logger="bench.data.raw"):
+        data = load_from_recipe(recipe, data_dir=data_dir, config=NO_FILTER)
+    assert dict(zip(data.item_ids, data.item_texts))["b1"] == "Café Olé"
+    assert "1 repeated business_id line(s) ignored" in caplog.text

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -223,3 +224,13 @@ def test_probe_leaves_global_rng_alone(steam_cache):
     torch.manual_seed(123)
     probe(synthetic, max_steps=4, n_users=50)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_read_records_names_files_of_another_schema(tmp_path, caplog):
+    (tmp_path / "a.json").write_text('[1, 2]', encoding="utf-8")
+    (tmp_path / "b.json").write_text('{"schema": 0}', encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="bench.records"):
+        assert read_records(tmp_path) == []
+    assert "a.json: not a record of schema" in caplog.text
+    assert "(found 'list')" in caplog.text
+    assert "(found 0)" in caplog.text

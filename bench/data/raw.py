@@ -256,7 +256,8 @@ def read_yelp(
     Returns:
         The reviews as interactions in file order, with dates read as UTC
         because the files carry no time zone, and the text of each business
-        that has at least one of the text fields.
+        that has at least one of the text fields; when a business_id repeats,
+        the first line with text wins and the repeats are counted in the log.
 
     Raises:
         DataError: a file is missing or a line or date is malformed; the
@@ -279,14 +280,20 @@ def read_yelp(
         )
     texts: dict[str, str] = {}
     fields = _FieldCheck(business_path, text_fields)
+    duplicate_lines = 0
     for line_number, record in iter_json_lines(business_path, config.encoding):
         business_id = _require_string(business_path, line_number, record, "business_id")
         fields.see(record)
         parts = [_optional_text(business_path, line_number, record, field) for field in text_fields]
         present = [part for part in parts if part is not None]
-        if present and business_id not in texts:
+        if business_id in texts:
+            duplicate_lines += 1
+        elif present:
             texts[business_id] = YELP_TEXT_JOINER.join(part for part in present if part)
     fields.check()
+    if duplicate_lines:
+        logger.info("%s: %d repeated business_id line(s) ignored; the first line with text wins", business_path,
+                    duplicate_lines)
 
     return RawDataset(
         interactions=_interaction_frame(users, items, timestamps),
