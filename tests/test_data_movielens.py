@@ -157,3 +157,16 @@ def test_wheel_checksum_mismatch_raises(tmp_path, monkeypatch):
     assert "SHA-256" in str(caught.value)
     assert not (tmp_path / movielens.ITEM_FILE).exists()
     assert not (tmp_path / movielens.INTER_FILE).exists()
+
+
+def test_copy_in_data_dir_is_read_before_data_home(tmp_path, local_server):
+    root, base = local_server
+    (root / "ml-100k.zip").write_bytes(grouplens_zip())
+    placed = tmp_path / "data" / "ml-100k"
+    placed.mkdir(parents=True)
+    movielens.fetch_from_grouplens(placed, url=f"{base}/ml-100k.zip", expected_counts=(4, 2, 3))
+    home = tmp_path / "home"
+    data = load_dataset("ml-100k", data_dir=tmp_path / "data", data_home=home, config=DatasetConfig(kcore=0))
+    assert data.user_ids == ("196", "186")
+    # Nothing was fetched into the data home.
+    assert not home.exists()

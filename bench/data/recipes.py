@@ -281,7 +281,11 @@ def read_raw(
         DataError: the dataset folder or a file is missing or malformed.
     """
     if recipe.format == "ml-100k":
-        folder = movielens.ensure_ml100k(data_home)
+        # A copy the user placed in the data dir is read as it is; otherwise
+        # the data home's copy is used and downloaded when absent.
+        folder = data_dir / movielens.FOLDER
+        if not ((folder / movielens.INTER_FILE).is_file() and (folder / movielens.ITEM_FILE).is_file()):
+            folder = movielens.ensure_ml100k(data_home)
         return read_atomic_dataset(
             folder / movielens.INTER_FILE, folder / movielens.ITEM_FILE, config
         )
