@@ -316,3 +316,12 @@ def test_gzip_bytes_without_suffix_named(tmp_path):
     with pytest.raises(DataError) as caught:
         load_dataset("z", data_dir=tmp_path, config=DatasetConfig(kcore=0, encoding="latin-1"))
     assert "z.inter is gzip-compressed but its name does not end in .gz" in str(caught.value)
+
+
+def test_cr_only_line_endings_named(tmp_path):
+    folder = write_dataset(tmp_path, "mac", [("u1", "a", "1"), ("u1", "b", "2")], [("a", "A"), ("b", "B")])
+    inter = folder / "mac.inter"
+    inter.write_bytes(inter.read_bytes().replace(b"\n", b"\r"))
+    with pytest.raises(DataError) as caught:
+        load_dataset("mac", data_dir=tmp_path, config=NO_FILTER)
+    assert "mac.inter separates lines with a bare carriage return" in str(caught.value)

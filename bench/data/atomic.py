@@ -235,6 +235,12 @@ def read_atomic_table(path: Path, encoding: str, required: Mapping[str, str]) ->
     """
     text = _read_text(path, encoding)
     text = text.removeprefix("\ufeff").replace("\r\n", "\n")
+    if "\r" in text and "\n" not in text.rstrip("\n"):
+        # The whole file would read as one header line and fail with a header error.
+        raise DataError(
+            f"{path} separates lines with a bare carriage return (CR, classic Mac OS). "
+            "Convert it to LF or CRLF line endings, e.g. tr '\\r' '\\n' < OLD > NEW."
+        )
     line_starts, line_ends, tab_counts = _scan_lines(text)
     non_blank = line_ends > line_starts
     if not non_blank.any():
