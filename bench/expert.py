@@ -8,9 +8,12 @@ and expert config), cached on disk, and its cost is reported as amortised.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import pickle
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,7 @@ import torch
 
 from bench.config import check_range, config_dict, stable_hash
 from bench.data.types import SplitData
+from bench.errors import DataError
 from bench.learner import LearnerConfig, TextSASRec, pad_sequences
 from bench.metrics import metrics_from_ranks
 from bench.progress import progress_bar
@@ -67,10 +71,20 @@ class ExpertTrajectory:
         return self.folder / f"epoch_{epoch:03d}.pt"
 
     def state(self, epoch: int) -> dict[str, torch.Tensor]:
-        """Load the learner state dict saved after ``epoch``."""
+        """Load the learner state dict saved after ``epoch``.
+
+        Raises:
+            DataError: the checkpoint cannot be read; the message names it.
+        """
         if not 1 <= epoch <= self.epochs:
             raise ValueError(f"expert epoch {epoch} outside 1..{self.epochs}")
-        return torch.load(self.path(epoch), weights_only=True)
+        path = self.path(epoch)
+        try:
+            return torch.load(path, weights_only=True)
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+            # torch's own message may advise weights_only=False, which is not the fix here.
+            raise DataError(f"expert checkpoint {path} cannot be read: it is damaged or not a checkpoint "
+                            f"({type(exc).__name__}). Delete the folder {self.folder} and it is built again") from exc
 
     def model(self, text_vectors: torch.Tensor, epoch: int | None = None) -> TextSASRec:
         """A learner loaded with the checkpoint of ``epoch`` (default: best)."""
@@ -109,12 +123,11 @@ def build_expert(
     meta_path = folder / "trajectory.json"
     if meta_path.exists():
         try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            trajectory = ExpertTrajectory(folder, learner, meta["epochs"], meta["valid_ndcg10"], meta["build_s"])
-            if all(trajectory.path(e).exists() for e in range(1, trajectory.epochs + 1)):
+            trajectory = _load_cached(folder, meta_path, learner, key)
+            if trajectory is not None:
                 logger.info("expert trajectory for %s loaded from %s", data.name, folder)
                 return trajectory
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             logger.warning("expert cache %s is unreadable (%s); rebuilding it", folder, exc)
     folder.mkdir(parents=True, exist_ok=True)
 
@@ -139,14 +152,60 @@ def build_expert(
             optimizer.step()
             bar.update(len(batch))
         bar.close()
-        tmp = folder / f"epoch_{epoch:03d}.pt.tmp"
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, folder / f"epoch_{epoch:03d}.pt")
+        # A temp name of this process alone: two processes may build one expert at once.
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f"epoch_{epoch:03d}.", suffix=".tmp",
+                                         delete=False) as handle:
+            torch.save(model.state_dict(), handle)
+        os.replace(handle.name, folder / f"epoch_{epoch:03d}.pt")
         ndcg = metrics_from_ranks(rank_split(model, data, "valid"), (10,))["ndcg@10"]
         valid.append(ndcg)
         logger.info("expert %s epoch %d/%d: loss %.4f, valid NDCG@10 %.4f", data.name, epoch, config.epochs, loss.item(), ndcg)
     build_s = time.perf_counter() - start
-    tmp = folder / "trajectory.json.tmp"
-    tmp.write_text(json.dumps({"epochs": config.epochs, "valid_ndcg10": valid, "build_s": build_s}), encoding="utf-8")
-    os.replace(tmp, meta_path)
-    return ExpertTrajectory(folder, learner, config.epochs, valid, build_s)
+    trajectory = ExpertTrajectory(folder, learner, config.epochs, valid, build_s)
+    _write_meta(meta_path, {"key": key, "epochs": config.epochs, "valid_ndcg10": valid, "build_s": build_s,
+                            "sha256": _digests(trajectory)})
+    return trajectory
+
+
+def _digests(trajectory: ExpertTrajectory) -> list[str]:
+    digests = []
+    for epoch in range(1, trajectory.epochs + 1):
+        digest = hashlib.sha256()
+        with open(trajectory.path(epoch), "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        digests.append(digest.hexdigest())
+    return digests
+
+
+def _write_meta(meta_path: Path, meta: dict) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=meta_path.parent, prefix="trajectory.", suffix=".tmp",
+                                     delete=False, encoding="utf-8") as handle:
+        json.dump(meta, handle)
+    os.replace(handle.name, meta_path)
+
+
+def _load_cached(folder: Path, meta_path: Path, learner: LearnerConfig, key: str) -> ExpertTrajectory | None:
+    """Return the cached trajectory if its key and checkpoint digests match, else None (rebuild).
+
+    The folder name already carries the key; the stored key and the SHA-256
+    of every checkpoint catch files copied in from another expert and
+    truncated or emptied checkpoints. A cache written before the digests
+    existed gets them now, from its files as they are.
+    """
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    trajectory = ExpertTrajectory(folder, learner, meta["epochs"], meta["valid_ndcg10"], meta["build_s"])
+    if not all(trajectory.path(e).exists() for e in range(1, trajectory.epochs + 1)):
+        return None
+    if meta.get("key", key) != key:
+        logger.warning("expert cache %s was written for key %s, not %s; rebuilding it", folder, meta.get("key"), key)
+        return None
+    digests = _digests(trajectory)
+    if "sha256" not in meta:
+        _write_meta(meta_path, {**meta, "key": key, "sha256": digests})
+    elif meta["sha256"] != digests:
+        changed = [e + 1 for e, (a, b) in enumerate(zip(meta["sha256"], digests)) if a != b]
+        logger.warning("expert cache %s: checkpoint(s) of epoch %s changed since they were written; rebuilding it",
+                       folder, changed)
+        return None
+    return trajectory
