@@ -45,7 +45,7 @@ from bench.method import Budget
 from bench.profiling import CostMeter
 from bench.records import write_json_atomic
 from bench.registry import build_method, get_method
-from bench.runner import Suite
+from bench.runner import Suite, make_probe
 
 logger = logging.getLogger(__name__)
 
@@ -181,10 +181,23 @@ def open_study(settings: StudySettings, default_params: dict[str, Any] | None = 
         study.set_user_attr("note", "tuning not reproducible (parallel workers)")
     elif "reproducible" not in study.user_attrs:
         study.set_user_attr("reproducible", True)
-    if default_params is not None and not study.user_attrs.get("default_enqueued"):
+    if default_params is not None and _needs_default(study):
         study.set_user_attr("default_enqueued", True)
         study.enqueue_trial(default_params, user_attrs={"default": True})
     return study
+
+
+def _needs_default(study: optuna.Study) -> bool:
+    """True until the default config has a trial that is queued, running or finished.
+
+    A default trial that failed (its process was killed, or it raised) is
+    queued again, so the study always scores the default once. A trial that
+    failed as a surplus never ran and does not count.
+    """
+    for trial in study.get_trials(deepcopy=False):
+        if trial.user_attrs.get("default") and trial.state != optuna.trial.TrialState.FAIL:
+            return False
+    return True
 
 
 class SurplusTrial(Exception):
@@ -214,10 +227,16 @@ def run_study(
             raise SurplusTrial(f"trial {trial.number} exceeds the budget of {settings.n_trials} trials")
         return objective(trial)
 
+    waiting = False
     while finished_trials(study) < settings.n_trials:
         running = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
         if running and finished_trials(study) + running >= settings.n_trials:
             # Other workers hold the remaining trials; wait for them or for their heartbeats to go stale.
+            if not waiting:
+                logger.info("study %s: waiting for %d running trial(s) of another process; a trial whose "
+                            "process was killed is failed after %d s without a heartbeat, then rerun",
+                            settings.study_name, running, settings.grace_s)
+                waiting = True
             time.sleep(min(1.0, settings.heartbeat_s))
             _fail_stale(study)
             continue
@@ -240,7 +259,10 @@ def method_objective(
         config = build_config(method_cls.Config, overrides, where=f"method {method!r}")
         trial.set_user_attr("config", config_dict(config))
         meter = CostMeter(wall_cap_s=trial_wall_cap_s, rss_cap_mib=suite.rss_cap_mib)
-        context = MethodContext(seed=seed, device="cpu", meter=meter, cache=cache)
+        # The same validation probe as in 'run', so a trial scores the set the
+        # method would select there, not its last step.
+        context = MethodContext(seed=seed, device="cpu", meter=meter, cache=cache,
+                                probe=make_probe(cache, suite.protocol, seed))
         start = time.perf_counter()
         try:
             with meter.phase("distill", capped=True):
@@ -259,13 +281,20 @@ def method_objective(
     return objective
 
 
-def default_params(method: str) -> dict[str, Any]:
-    """Return the method's default config restricted to the parameters its search space suggests."""
+def default_params(method: str, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Return the config the first trial scores, restricted to the parameters the search space suggests.
+
+    Args:
+        method: registered method name.
+        base: the suite's values for the method (``[method.NAME]`` and
+            ``--set method.NAME.KEY=VALUE``). They replace the class defaults.
+            The first trial therefore scores the config that 'run' would use.
+    """
     method_cls = get_method(method)
     probe_study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     trial = probe_study.ask()
     names = set(method_cls.search_space(trial))
-    defaults = config_dict(method_cls.Config())
+    defaults = config_dict(build_config(method_cls.Config, dict(base or {}), where=f"suite method {method!r}"))
     return {k: v for k, v in defaults.items() if k in names}
 
 
@@ -300,7 +329,7 @@ def tune(
     if get_method(method).needs_expert:
         cache.expert()
     objective = method_objective(suite, cache, method, budget, settings.seed, trial_wall_cap_s)
-    defaults = default_params(method)
+    defaults = default_params(method, suite.method_configs.get(method))
     if not defaults:
         # Nothing to search: every trial would repeat the default config.
         logger.info("method %s has an empty search space; running its default config once", method)

@@ -182,6 +182,33 @@ def test_default_config_enqueued_once(tmp_path):
     assert len(defaults) == 1
 
 
+def test_failed_default_trial_is_queued_again(tmp_path):
+    # A default trial whose process died ends FAIL; the resumed study must still score the default.
+    settings = StudySettings(storage=f"sqlite:///{tmp_path / 'f.db'}", study_name="again", n_trials=2)
+
+    def dies_on_default(trial):
+        x = trial.suggest_float("x", -1.0, 1.0)
+        if trial.user_attrs.get("default"):
+            raise FloatingPointError("simulated failure of the default trial")
+        return -x * x
+
+    with pytest.raises(FloatingPointError):
+        # Stop after the failed default: the objective raises out of optimize only on the first call here.
+        open_study(settings, {"x": 0.5}).optimize(dies_on_default, n_trials=1)
+    study = run_study(settings, _quadratic, {"x": 0.5})
+    defaults = [t for t in study.trials if t.user_attrs.get("default")]
+    assert [t.state.name for t in defaults] == ["FAIL", "COMPLETE"]
+    assert defaults[1].params == {"x": 0.5}
+    assert finished_trials(study) == 2
+
+
+def test_default_params_follow_suite_values():
+    from bench.tune import default_params
+
+    assert default_params("foster", {"steps": 300})["steps"] == 300
+    assert default_params("foster")["steps"] == 200
+
+
 def test_pruned_trials_count_as_used(tmp_path):
     def objective(trial):
         x = trial.suggest_float("x", -1.0, 1.0)
