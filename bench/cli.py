@@ -167,7 +167,9 @@ def _cmd_run(args) -> int:
     if not args.drop_archived:
         # Read once before the run, so a broken table stops the command before hours of work.
         read_archived_cells(folder / "cells.csv")
-    records = run_suite(suite, data_dir=args.data_dir, data_home=args.data_home, out_dir=args.out, tuned=tuned)
+    keys: list[str] = []
+    records = run_suite(suite, data_dir=args.data_dir, data_home=args.data_home, out_dir=args.out, tuned=tuned,
+                        cell_keys=keys)
     elapsed = time.perf_counter() - start
     with report_lock(folder):
         # Read again: another run of the suite may have rewritten the table meanwhile.
@@ -178,13 +180,21 @@ def _cmd_run(args) -> int:
                              f"the repair, 'python -m bench report --suite {suite.name}' writes the leaderboard."
                              ) from exc
         frame = cells_frame(records, archived)
-        paths = write_reports(frame, folder, title=f"Leaderboard: suite {suite.name}")
+        try:
+            paths = write_reports(frame, folder, title=f"Leaderboard: suite {suite.name}")
+        except OSError as exc:
+            raise BenchError(f"cannot write the leaderboard under {folder} ({exc}). The run's records are saved "
+                             f"under {args.out / 'runs' / suite.name}: once the folder is writable, "
+                             f"'python -m bench report --suite {suite.name}' writes the leaderboard.") from exc
     print(render_markdown(frame))
     print(f"Wrote {', '.join(str(path) for path in paths.values())}.")
     print(f"Suite {suite.name} finished in {elapsed:.1f} s.")
-    not_ok = [r for r in records if r.get("outcome") != "ok"]
+    # The exit status speaks for this command's cells, not for records of earlier runs in the folder.
+    this_run = set(keys)
+    mine = [r for r in records if r.get("key") in this_run]
+    not_ok = [r for r in mine if r.get("outcome") != "ok"]
     if not_ok:
-        print(f"{len(not_ok)} of {len(records)} cells failed or were capped. The failed/capped column counts "
+        print(f"{len(not_ok)} of {len(mine)} cells failed or were capped. The failed/capped column counts "
               f"them, and the error field of each record under {args.out / 'runs' / suite.name} says why.")
         return 1
     return 0
@@ -258,7 +268,7 @@ def _cmd_report(args) -> int:
 
     check_plain_name("report", "--suite", args.suite)
     folder = args.out / args.suite
-    with report_lock(folder):
+    with report_lock(folder, create=False):
         records = read_records(args.out / "runs" / args.suite)
         archived = None if args.drop_archived else read_archived_cells(folder / "cells.csv")
         if not records and archived is None:
@@ -269,6 +279,17 @@ def _cmd_report(args) -> int:
     print(render_markdown(frame))
     print(f"Wrote {', '.join(str(path) for path in paths.values())}.")
     return 0
+
+
+# Resume advice per command: the work an interrupted command keeps, and how to continue it.
+_RESUME = {
+    "run": "finished cells are kept and a rerun continues from the next cell",
+    "prepare": "finished caches are kept and a rerun builds the rest",
+    "tune": "finished trials are kept in the study and the same command resumes it; a trial cut short "
+            "counts as failed and does not use the trial budget",
+    "profile": "run the command again to measure every row",
+    "report": "the tables are written atomically, so the earlier ones are intact",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -295,5 +316,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; finished cells are kept and a rerun continues from the next cell", file=sys.stderr)
+        print(f"interrupted; {_RESUME.get(args.command, 'nothing was written')}", file=sys.stderr)
         return 130

@@ -7,6 +7,7 @@ per leaderboard group (dataset, protocol, hardware).
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import matplotlib
@@ -35,6 +36,17 @@ def _label(row) -> str:
     return name if pd.isna(row["budget"]) else f"{name}@{int(row['budget'])}"
 
 
+def _save(fig, path: Path) -> None:
+    """Save ``fig`` as PNG through a temp file and a rename, so a killed save leaves no truncated image."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(tmp, dpi=120, format="png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def plot_accuracy_vs_cost(table: pd.DataFrame, path: Path, metric: str = "recall@10", title: str = "") -> Path | None:
     """Scatter mean test ``metric`` against mean distillation wall seconds, Pareto front drawn."""
     rows = table.dropna(subset=["distill_wall_s", f"{metric}_mean"]).reset_index(drop=True)
@@ -57,7 +69,7 @@ def plot_accuracy_vs_cost(table: pd.DataFrame, path: Path, metric: str = "recall
     ax.set_title(title)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -81,6 +93,6 @@ def plot_accuracy_vs_budget(table: pd.DataFrame, path: Path, metric: str = "reca
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
     return path

@@ -77,6 +77,10 @@ def write_json_atomic(path: Path, payload: dict) -> None:
             os.unlink(tmp)
 
 
+# Fields every leaderboard row reads from a record.
+REQUIRED_FIELDS = ("key", "dataset", "dataset_fingerprint", "protocol_hash", "method", "outcome")
+
+
 def read_records(folder: Path) -> list[dict]:
     """Every readable record under ``folder``; unreadable files are logged and skipped."""
     records = []
@@ -87,6 +91,11 @@ def read_records(folder: Path) -> list[dict]:
             logger.warning("skipping unreadable record %s: %s", path, exc)
             continue
         if isinstance(record, dict) and record.get("schema") == RECORD_SCHEMA:
+            missing = [name for name in REQUIRED_FIELDS if name not in record]
+            if missing:
+                logger.warning("skipping %s: the record lacks %s; delete it so its cell runs again", path,
+                               ", ".join(missing))
+                continue
             records.append(record)
         else:
             found = record.get("schema") if isinstance(record, dict) else type(record).__name__

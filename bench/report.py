@@ -79,8 +79,73 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
         for split in ("valid", "test"):
             for name, value in (r.get(split) or {}).items():
                 row[f"{split}_{name}"] = value
+        row["_key"] = r.get("key")
+        row["_setup"] = _setup_hash(r)
         rows.append(row)
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    frame = _drop_repeated_cells(_separate_setups(frame))
+    return frame.drop(columns=["_key", "_setup"])
+
+
+def _setup_hash(record: dict) -> str:
+    """Hash what changes a result beside the method config and the protocol: encoder, expert, harness version."""
+    from bench.registry import get_method
+
+    method = record.get("method")
+    try:
+        reads_expert = method != "pop" and bool(get_method(method).needs_expert)
+    except BenchError:
+        reads_expert = True  # a method no longer registered: keep its expert in the hash
+    return stable_hash({
+        "encoder": record.get("encoder"),
+        "expert": record.get("expert") if reads_expert else None,
+        "bench_version": (record.get("environment") or {}).get("bench_version"),
+    }, length=4)
+
+
+def _separate_setups(frame: pd.DataFrame) -> pd.DataFrame:
+    """Give records of one config but another encoder, expert or harness version their own label.
+
+    Within each group of equal cell key except the seed, the setup with the
+    most records (ties: the smaller hash) keeps the plain label, so archived
+    rows still match it; every other setup gets ``LABEL~SETUP``. Without this
+    the records of two setups would be averaged as seeds of one row.
+    """
+    group_columns = [name for name in CELL_KEY if name not in ("seed", "budget", "seq_len")]
+    keys = frame[group_columns].fillna("").astype(str).agg("|".join, axis=1)
+    frame = frame.copy()
+    for _, part in frame.groupby(keys, sort=False):
+        setups = part["_setup"].value_counts()
+        if len(setups) < 2:
+            continue
+        ranked = sorted(setups.items(), key=lambda item: (-item[1], item[0]))
+        majority = ranked[0][0]
+        others = part.index[part["_setup"] != majority]
+        frame.loc[others, "config"] = frame.loc[others, "config"] + "~" + frame.loc[others, "_setup"]
+        logger.warning("%s/%s config %s: records of %d encoder/expert/harness setups; the less common ones are "
+                       "ranked apart as %s", part["dataset"].iloc[0], part["method"].iloc[0],
+                       part["config"].iloc[0], len(setups),
+                       ", ".join(sorted(set(frame.loc[others, "config"]))))
+    return frame
+
+
+def _drop_repeated_cells(frame: pd.DataFrame) -> pd.DataFrame:
+    """Keep one record per cell, warning about the others, so no seed is averaged twice.
+
+    Two records of one cell key (for instance, from before and after a method
+    version change) are different runs of the same seed.
+    """
+    keys = pd.Series(_cell_keys(frame), index=frame.index)
+    repeated = keys.duplicated(keep="first")
+    for index in frame.index[repeated]:
+        first = frame.index[(keys == keys[index]) & ~repeated][0]
+        logger.warning("%s/%s budget %s seed %s has two records (keys %s and %s); only the first is ranked. "
+                       "Move the stale one out of the runs folder.", frame.at[index, "dataset"],
+                       frame.at[index, "method"], frame.at[index, "budget"], frame.at[index, "seed"],
+                       frame.at[first, "_key"], frame.at[index, "_key"])
+    return frame.loc[~repeated].reset_index(drop=True)
 
 
 def read_archived_cells(path: Path) -> pd.DataFrame | None:
@@ -91,8 +156,10 @@ def read_archived_cells(path: Path) -> pd.DataFrame | None:
     the value of every untuned cell.
 
     Raises:
-        BenchError: if the file cannot be parsed, lacks a cell-key column, or
-            has a row without dataset, method or outcome.
+        BenchError: if the file cannot be parsed, lacks a cell-key column,
+            has a row without dataset, method or outcome, has an ok row with
+            an empty test metric, or does not end with a line break (signs
+            of a truncated file).
     """
     path = Path(path)
     if not path.is_file():
@@ -110,6 +177,15 @@ def read_archived_cells(path: Path) -> pd.DataFrame | None:
         lines = ", ".join(str(index + 2) for index in incomplete.index[:5])
         raise BenchError(f"the earlier per-cell table {path} has rows without dataset, method or outcome "
                          f"(lines {lines}). {fix}")
+    metric_columns = [name for name in frame.columns if name.startswith("test_")]
+    broken = frame[(frame["outcome"] == "ok") & frame[metric_columns].isna().any(axis=1)] if metric_columns else []
+    if len(broken):
+        lines = ", ".join(str(index + 2) for index in broken.index[:5])
+        raise BenchError(f"the earlier per-cell table {path} has ok rows with empty test metrics (lines {lines}); "
+                         f"the file may be truncated. {fix}")
+    if path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+        raise BenchError(f"the earlier per-cell table {path} does not end with a line break, so its last row "
+                         f"may be cut short. {fix}")
     if "trials" not in frame.columns:
         frame["trials"] = 0
     return frame
@@ -473,12 +549,14 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def report_lock(folder: Path):
+def report_lock(folder: Path, create: bool = True):
     """Hold an exclusive lock on ``folder`` while a report reads its archive and rewrites its tables.
 
     Two runs of one suite that finish together then write one after the
     other, and the second keeps the first one's cells. The lock file
-    ``.report.lock`` stays in ``folder``. A folder that does not exist is not locked.
+    ``.report.lock`` stays in ``folder``. With ``create`` the folder is made
+    first, so two runs that write a new suite's first tables are serialised
+    too; without it a missing folder (nothing to protect) is not locked.
     NOTE: without ``fcntl`` (Windows) this lock does nothing.
     """
     folder = Path(folder)
@@ -486,8 +564,9 @@ def report_lock(folder: Path):
         import fcntl
     except ImportError:
         fcntl = None
+    if create and fcntl is not None:
+        folder.mkdir(parents=True, exist_ok=True)
     if fcntl is None or not folder.is_dir():
-        # A folder that does not exist yet has no table to protect.
         yield
         return
     with open(folder / ".report.lock", "a", encoding="utf-8") as handle:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import tempfile
 import time
 import tomllib
 import traceback
@@ -363,6 +364,40 @@ def run_cell(cell: Cell, suite: Suite, cache: SharedCache, method_values: dict |
     return body
 
 
+def _finished(previous: dict | None, key: str, caps: dict, cell: Cell, path: Path) -> bool:
+    """Return True when ``previous``, the record at the cell's path, finishes the cell.
+
+    An ok record does. A capped record does only under the same caps, so
+    raising or removing a cap runs the cell again. A record whose stored key
+    differs from its file name's (a copied or edited file) never does.
+    """
+    if not previous:
+        return False
+    if previous.get("key") != key:
+        logger.warning("record %s holds key %r, not the cell's %r; the cell runs again", path,
+                       previous.get("key"), key)
+        return False
+    if previous.get("outcome") == "ok":
+        return True
+    if previous.get("outcome") == "capped":
+        if previous.get("caps") == caps:
+            return True
+        logger.info("%s was capped under caps %s; running it again under %s", cell.label(),
+                    previous.get("caps"), caps)
+    return False
+
+
+def _check_writable(folder: Path) -> None:
+    """Raise before any cell runs if records cannot be written under ``folder``."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check", suffix=".tmp"):
+            pass
+    except OSError as exc:
+        raise BenchError(f"cannot write records under {folder} ({exc.strerror or exc}); pass a writable --out "
+                         "folder") from exc
+
+
 def check_datasets(suite: Suite, data_dir: Path | str | None = None) -> None:
     """Resolve every dataset name of ``suite``, so a misspelt name stops the run before any cell.
 
@@ -382,6 +417,7 @@ def run_suite(
     out_dir: Path | str = "reports",
     progress: bool = True,
     tuned: Mapping[tuple, TunedConfig] | None = None,
+    cell_keys: list[str] | None = None,
 ) -> list[dict]:
     """Run every missing cell of ``suite`` and return all its records.
 
@@ -389,6 +425,9 @@ def run_suite(
         tuned: tuned configs from :func:`bench.tune.load_tuned`. A cell whose
             (dataset, method, budget) has one runs with that config instead of
             the suite's, and its record stores the study and trials used.
+        cell_keys: if given, receives the record key of every cell of this
+            call, run or skipped, so a caller can tell them from records of
+            earlier calls in the same folder.
 
     Returns:
         The records of this suite (existing and new), read back from disk.
@@ -404,7 +443,10 @@ def run_suite(
     env = environment()
     data_config = build_config(DatasetConfig, dict(suite.data), where="suite data")
     counts = {"ran": 0, "skipped": 0, "failed": 0}
+    caps = {"wall_s": suite.wall_cap_s, "rss_mib": suite.rss_cap_mib}
+    this_run = [] if cell_keys is None else cell_keys
     check_datasets(suite, data_dir)
+    _check_writable(out_dir / "runs" / suite.name)
     for dataset in suite.datasets:
         data = load_dataset(dataset, data_dir=data_dir, data_home=data_home, config=data_config)
         cache = SharedCache(data, suite.encoder, suite.protocol.learner, suite.expert, cache_dir)
@@ -429,12 +471,11 @@ def run_suite(
                 method_values = config_dict(config)
             key = cell_key(cell, suite, data.fingerprint, method_config, tuning)
             path = record_path(out_dir, suite, cell, key)
-            if path.exists():
-                previous = read_records_file(path)
-                if previous and previous.get("outcome") in ("ok", "capped"):
-                    counts["skipped"] += 1
-                    logger.info("skip %s (finished: %s)", cell.label(), path.name)
-                    continue
+            this_run.append(key)
+            if path.exists() and _finished(read_records_file(path), key, caps, cell, path):
+                counts["skipped"] += 1
+                logger.info("skip %s (finished: %s)", cell.label(), path.name)
+                continue
             start = time.perf_counter()
             body = run_cell(cell, suite, cache, method_values, progress)
             record = {
@@ -455,6 +496,7 @@ def run_suite(
                 "encoder": config_dict(suite.encoder),
                 "expert": config_dict(suite.expert),
                 "amortised": dict(cache.amortised),
+                "caps": caps,
                 "environment": env,
                 "cell_wall_s": time.perf_counter() - start,
                 **body,

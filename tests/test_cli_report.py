@@ -11,7 +11,8 @@ import pytest
 
 from bench.cli import main
 from bench.errors import BenchError
-from bench.report import leaderboards, pooled_leaderboards, read_archived_cells, render_markdown, write_reports
+from bench.report import (cells_frame, leaderboards, pooled_leaderboards, read_archived_cells, render_markdown,
+                          write_reports)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -186,6 +187,14 @@ def test_run_exits_one_when_a_cell_fails(shared_data, tmp_path, capsys):
     ])
     assert code == 1
     assert "1 of 1 cells failed or were capped" in capsys.readouterr().out
+    # A later command whose own cell is ok exits 0, though the folder keeps the failed record.
+    code = main([
+        "--threads", "1", "run", "--datasets", "steam", "--methods", "random", "--budgets", "5",
+        "--seeds", "0", "--no-pop", "--set", "data.sample_users=50", "--set", "protocol.max_steps=10",
+        "--set", "protocol.eval_every=5", "--data-dir", str(shared_data), "--out", str(tmp_path),
+        "--name", "too-large",
+    ])
+    assert code == 0
 
 
 def test_rewrite_keeps_archived_cells_without_records(tmp_path):
@@ -233,6 +242,16 @@ def test_broken_archive_names_file_and_fix(tmp_path):
     with pytest.raises(BenchError, match="cells.csv lacks the columns.*--drop-archived"):
         read_archived_cells(tmp_path / "cells.csv")
     assert read_archived_cells(tmp_path / "missing.csv") is None
+
+
+@pytest.mark.parametrize("cut", [200, 3])
+def test_truncated_archive_is_refused(tmp_path, cut):
+    # Cutting 200 bytes leaves a short last row (empty metrics); 3 bytes only lose the final digits and newline.
+    write_reports(RECORDS, tmp_path)
+    path = tmp_path / "cells.csv"
+    path.write_bytes(path.read_bytes()[:-cut])
+    with pytest.raises(BenchError, match="may be (truncated|cut short).*--drop-archived"):
+        read_archived_cells(path)
 
 
 def test_report_rebuilds_from_archive_alone(tmp_path, capsys):
@@ -363,3 +382,27 @@ def test_pooled_keeps_lone_failed_cell():
     # Seed 0 finished on cpu A, so only seed 3's failure is counted.
     assert row["seeds"] == 2
     assert row["not_ok"] == 1
+
+
+def test_other_expert_setup_is_ranked_apart(caplog):
+    # Same method config and seed, another text encoder: two setups, never two seeds of one row.
+    records = [_record("random", 20, 0, 0.04), _record("random", 20, 1, 0.06), _record("random", 20, 0, 0.10)]
+    for record in records:
+        record.update(key=f"k{record['seed']}{record['test']['recall@10']}", encoder={"model": "m"},
+                      expert={"epochs": 5})
+    records[2]["encoder"] = {"model": "other"}
+    with caplog.at_level(logging.WARNING, logger="bench.report"):
+        frame = cells_frame(records)
+    labels = sorted(frame["config"].unique())
+    assert len(labels) == 2
+    assert any("~" in label for label in labels)
+    assert "2 encoder/expert/harness setups" in caplog.text
+
+
+def test_repeated_record_of_one_cell_counted_once(caplog):
+    twice = [_record("random", 20, 0, 0.04), _record("random", 20, 0, 0.08)]
+    twice[0]["key"], twice[1]["key"] = "old-key", "new-key"
+    with caplog.at_level(logging.WARNING, logger="bench.report"):
+        frame = cells_frame(twice)
+    assert len(frame) == 1
+    assert "keys old-key and new-key" in caplog.text

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench.config import added_field
-from bench.errors import ConfigError, UnknownNameError
+from bench.errors import BenchError, ConfigError, UnknownNameError
 from bench.records import read_records
 from bench.runner import load_suite, make_probe, run_suite, suite_from_mapping
 from methods.random_subset import RandomSubset
@@ -234,3 +234,41 @@ def test_read_records_names_files_of_another_schema(tmp_path, caplog):
     assert "a.json: not a record of schema" in caplog.text
     assert "(found 'list')" in caplog.text
     assert "(found 0)" in caplog.text
+
+
+def test_capped_cell_runs_again_when_the_cap_changes(shared_data, tmp_path, caplog):
+    base = {**TINY, "methods": ["foster"], "include_pop": False,
+            "method": {"foster": {"steps": 2, "probe_every": 1, "probe_steps": 2, "subset_size": 64}}}
+    capped = run_suite(suite_from_mapping({**base, "caps": {"wall_s": 0}}), data_dir=shared_data,
+                       out_dir=tmp_path, progress=False)
+    assert [r["outcome"] for r in capped] == ["capped"]
+    assert capped[0]["caps"] == {"wall_s": 0, "rss_mib": None}
+    # Same caps: the capped record finishes the cell.
+    again = run_suite(suite_from_mapping({**base, "caps": {"wall_s": 0}}), data_dir=shared_data,
+                      out_dir=tmp_path, progress=False)
+    assert [r["outcome"] for r in again] == ["capped"]
+    # No cap: the cell runs again under the same key.
+    with caplog.at_level(logging.INFO, logger="bench.runner"):
+        uncapped = run_suite(suite_from_mapping(base), data_dir=shared_data, out_dir=tmp_path, progress=False)
+    assert [r["outcome"] for r in uncapped] == ["ok"]
+    assert uncapped[0]["key"] == capped[0]["key"]
+    assert "running it again under" in caplog.text
+
+
+def test_record_with_another_key_is_not_trusted(shared_data, tmp_path, caplog):
+    suite = suite_from_mapping({**TINY, "methods": ["random"], "include_pop": False})
+    first = run_suite(suite, data_dir=shared_data, out_dir=tmp_path, progress=False)[0]
+    path = next((tmp_path / "runs").rglob("*.json"))
+    path.write_text(json.dumps({**first, "key": "copied-from-elsewhere"}), encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="bench.runner"):
+        again = run_suite(suite, data_dir=shared_data, out_dir=tmp_path, progress=False)
+    assert "holds key 'copied-from-elsewhere'" in caplog.text
+    assert [r["key"] for r in again] == [first["key"]]
+
+
+def test_unwritable_records_folder_stops_before_any_cell(shared_data, tmp_path):
+    # A file where the runs folder belongs: root ignores permission bits, so this stands in for a read-only folder.
+    (tmp_path / "runs").write_text("not a folder", encoding="utf-8")
+    suite = suite_from_mapping({**TINY, "methods": ["random"], "include_pop": False})
+    with pytest.raises(BenchError, match="cannot write records under .*pass a writable --out"):
+        run_suite(suite, data_dir=shared_data, out_dir=tmp_path, progress=False)
