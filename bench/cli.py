@@ -1,8 +1,8 @@
 """Command-line interface: ``python -m bench run | list | prepare | tune | report | profile``.
 
-``run`` with no options runs the built-in quickstart suite (MovieLens-100K,
-``full`` and ``random`` at 20 and 50 sequences, 3 seeds, plus the popularity
-reference) and prints the leaderboard.
+``run`` with no options runs the built-in quickstart suite (MovieLens-100K:
+``full`` with 3 seeds, ``random`` at 20 and 50 sequences with 3 seeds each,
+and the popularity reference once) and prints the leaderboard.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=(
         "Benchmark harness for dataset distillation in text-based sequential recommendation: run suites, "
         "prepare shared inputs, tune methods with Optuna, rebuild leaderboards and profile costs."))
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="-vv adds debug output (INFO is the default level)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice); use 1 per process when several "
                              "jobs share the cores, because spinning threads then waste most of the CPU")
@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--budget", type=int, help="number of sequences (omit for methods without a budget)")
     tune.add_argument("--seq-len", type=int, help="maximum items per sequence (default: the suite's)")
     tune.add_argument("--trials", type=int, default=20,
-                      help="finished trials (COMPLETE + PRUNED) the study must reach; equal for every method")
+                      help="finished trials (COMPLETE + PRUNED) the study must reach; equal for every method with "
+                           "a search space (a method without one runs once)")
     tune.add_argument("--seed", type=int, default=0, help="sampler, distillation and learner seed")
     tune.add_argument("--storage", help="Optuna storage URL (default: sqlite:///OUT/studies/tune.db); "
                                         "use postgresql://... to tune one study from several machines")

@@ -3,8 +3,8 @@
 Each cell's key is hashed from the method and its resolved config, the
 budget, the seed, the dataset fingerprint and processing config, the
 protocol hash, the encoder and expert configs and the harness version. A
-cell whose record exists with outcome ``ok`` or ``capped`` is skipped on
-rerun; a ``failed`` cell runs again. Records are written atomically, so a run
+cell whose record exists with outcome ``ok`` is skipped on rerun, and a
+``capped`` one only under the same caps; a ``failed`` cell runs again. Records are written atomically, so a run
 killed mid-cell leaves the finished cells untouched and no partial record.
 """
 

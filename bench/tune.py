@@ -3,9 +3,11 @@
 One study per (suite, dataset, method, budget). Rules that keep the comparison
 fair and the studies resumable:
 
-* every method gets the same number of finished trials (COMPLETE or PRUNED);
-  a resumed study runs only the missing ones;
-* the method's default config is enqueued as the first trial;
+* every method with a search space gets the same number of finished trials
+  (COMPLETE or PRUNED), and a method without one runs its config once; a
+  resumed study runs only the missing ones;
+* the method's default config, with the suite's values for it, is enqueued
+  as the first trial, and again if that trial failed;
 * the TPE sampler is seeded from the study name and the seed, and each
   process runs one trial at a time. A single worker therefore proposes the
   same parameters on every run. Several workers are not reproducible, and the
