@@ -497,7 +497,7 @@ def run(args: argparse.Namespace) -> int:
 
     frame = pd.DataFrame(rows)
     if args.records_suite:
-        frame = fill_best_times(frame, args, budget, seq_len)
+        frame, _ = fill_best_times(frame, args, budget, seq_len)
     frame = add_ratios(frame)
     note = (
         f"Cost profile: {args.steps} distillation steps per method, budget {budget}x{seq_len}, "
@@ -506,6 +506,11 @@ def run(args: argparse.Namespace) -> int:
     write_tables(frame, args.out / "profile" / f"{args.table}.csv",
                  note + _records_note(args, budget, seq_len) + LEGEND)
     return 0 if (frame["outcome"] == "ok").all() else 1
+
+
+# The sentence that says where best_s came from, in a table's Markdown note.
+_BEST_NOTE = re.compile(r"best_s(?: of [^:]*)?: mean over .*? with the profiled config(?: \(column config\))?\."
+                        r"(?: Other rows keep the earlier table's values \(.*?\)\.)? ?")
 
 
 def _records_note(args: argparse.Namespace, budget: int, seq_len: int) -> str:
@@ -553,10 +558,13 @@ def table_labels(frame: pd.DataFrame, suite_name: str) -> dict[str, str]:
     return labels
 
 
-def fill_best_times(frame: pd.DataFrame, args: argparse.Namespace, budget: int, seq_len: int) -> pd.DataFrame:
+def fill_best_times(
+    frame: pd.DataFrame, args: argparse.Namespace, budget: int, seq_len: int
+) -> tuple[pd.DataFrame, list[str]]:
     """Return ``frame`` with ``best_s`` taken from the records of ``args.records_suite`` where they have it.
 
     Rows that no record matches keep their value, and a warning names them.
+    The second value lists the ``dataset/method`` rows that got a new ``best_s``.
     """
     best = best_times_from_records(args.out, args.records_suite, budget, table_labels(frame, args.suite), seq_len)
     frame = frame.copy()
@@ -566,7 +574,7 @@ def fill_best_times(frame: pd.DataFrame, args: argparse.Namespace, budget: int, 
         logger.warning("no finished %dx%d records with the profiled config for %s; their best_s is unchanged",
                        budget, seq_len, ", ".join(unmatched))
     frame["best_s"] = [best.get(key, value) for key, value in zip(keys, frame["best_s"])]
-    return frame
+    return frame, [f"{d}/{m}" for d, m in keys if (d, m) in best]
 
 
 def write_tables(frame: pd.DataFrame, csv_path: Path, note: str) -> None:
@@ -592,16 +600,31 @@ def rebuild(args: argparse.Namespace) -> int:
     frame = _read_table(path)
     budget = _table_value(frame, "budget", args.budget, None, path)
     seq_len = _table_value(frame, "seq_len", args.seq_len, DEFAULT_SEQ_LEN, path)
-    frame = add_ratios(fill_best_times(frame, args, budget, seq_len))
+    frame, refilled = fill_best_times(frame, args, budget, seq_len)
+    frame = add_ratios(frame)
     # The table's own Markdown twin states how it was measured; keep that paragraph without its old best_s note.
     markdown = path.with_suffix(".md")
     paragraphs = markdown.read_text(encoding="utf-8").split("\n\n") if markdown.is_file() else []
     measured = ""
+    earlier = ""
     if len(paragraphs) > 2 and paragraphs[0] == "# Cost profile":
-        measured = re.sub(r"best_s: mean over .*? with the profiled config( \(column config\))?\. ", "",
-                          paragraphs[1].strip()) + "\n\n"
-    rebuilt = (f"Rebuilt from {path.name}: the timing and memory columns are as measured then. "
-               f"{_records_note(args, budget, seq_len)}")
+        measured = _BEST_NOTE.sub("", paragraphs[1].strip()) + "\n\n"
+        found = _BEST_NOTE.search(" ".join(paragraphs[1:3]))
+        earlier = found.group(0).strip() if found else ""
+        marker = "Other rows keep the earlier table's values ("
+        if marker in earlier:
+            # The kept rows' provenance is the one the earlier table itself kept.
+            earlier = earlier.split(marker, 1)[1].removesuffix(").")
+    rebuilt = f"Rebuilt from {path.name}: the timing and memory columns are as measured then. "
+    kept = frame["best_s"].notna() & ~pd.Series([f"{d}/{m}" in refilled for d, m in
+                                                  zip(frame["dataset"], frame["method"])], index=frame.index)
+    if kept.any() and earlier:
+        # Name which rows the new records filled, so the earlier rows keep their own provenance.
+        rebuilt += (f"best_s of {', '.join(refilled) or 'no row'}: mean over the untuned {budget}x{seq_len} "
+                    f"records of suite(s) {', '.join(args.records_suite)} with the profiled config. Other rows "
+                    f"keep the earlier table's values ({earlier.rstrip('. ')}).")
+    else:
+        rebuilt += _records_note(args, budget, seq_len)
     write_tables(frame, path, f"{measured}{rebuilt.rstrip()}\n")
     return 0 if (frame["outcome"] == "ok").all() else 1
 

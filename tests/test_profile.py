@@ -245,6 +245,24 @@ def test_from_table_refills_best_times_without_timing(profile_run, tiny_suite, t
     assert text.count("best_s: mean over") == 1, "a second rebuild kept the first one's best_s note"
 
 
+def test_partial_refill_keeps_earlier_provenance(profile_run, tiny_suite, tmp_path):
+    table = _copy_table(profile_run, tmp_path)
+    _write_record(tmp_path / "runs" / "tiny", "t", "steam", "td3", 12.0, _tiny_config("td3"), n_sequences=5,
+                  seq_len=10)
+    _write_record(tmp_path / "runs" / "later", "f", "steam", "foster", 4.0, _tiny_config("foster"),
+                  n_sequences=5, seq_len=10)
+    assert run(_rebuild_args(tiny_suite, tmp_path, table, "--records-suite", "tiny")) == 0
+    # A later refill from another folder fills foster only; td3's value still comes from 'tiny'.
+    for _ in range(2):
+        assert run(_rebuild_args(tiny_suite, tmp_path, table, "--records-suite", "later")) == 0
+        text = table.with_suffix(".md").read_text(encoding="utf-8")
+        assert "best_s of steam/foster: mean over the untuned 5x10 records of suite(s) later" in text
+        assert ("Other rows keep the earlier table's values (best_s: mean over the untuned 5x10 records of "
+                "suite(s) tiny") in text
+        assert text.count("Other rows keep") == 1
+    assert pd.read_csv(table).set_index("method").loc["td3", "best_s"] == pytest.approx(12.0)
+
+
 def test_profile_rows_name_their_config(profile_run, tiny_suite):
     frame = pd.read_csv(profile_run[1] / "profile" / "profile.csv", dtype={"config": str}).set_index("method")
     assert frame.loc["foster", "config"] == profiled_labels(tiny_suite)["foster"]
