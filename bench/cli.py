@@ -269,7 +269,10 @@ def _cmd_report(args) -> int:
 
     check_plain_name("report", "--suite", args.suite)
     folder = args.out / args.suite
-    with report_lock(folder, create=False):
+    # Create the folder (and lock it) only when there is something to report, so a
+    # misspelt suite name leaves no empty folder behind.
+    has_input = (args.out / "runs" / args.suite).is_dir() or (folder / "cells.csv").is_file()
+    with report_lock(folder, create=has_input):
         records = read_records(args.out / "runs" / args.suite)
         archived = None if args.drop_archived else read_archived_cells(folder / "cells.csv")
         if not records and archived is None:

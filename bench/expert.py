@@ -153,10 +153,7 @@ def build_expert(
             bar.update(len(batch))
         bar.close()
         # A temp name of this process alone: two processes may build one expert at once.
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=f"epoch_{epoch:03d}.", suffix=".tmp",
-                                         delete=False) as handle:
-            torch.save(model.state_dict(), handle)
-        os.replace(handle.name, folder / f"epoch_{epoch:03d}.pt")
+        _save_atomic(folder / f"epoch_{epoch:03d}.pt", lambda handle: torch.save(model.state_dict(), handle))
         ndcg = metrics_from_ranks(rank_split(model, data, "valid"), (10,))["ndcg@10"]
         valid.append(ndcg)
         logger.info("expert %s epoch %d/%d: loss %.4f, valid NDCG@10 %.4f", data.name, epoch, config.epochs, loss.item(), ndcg)
@@ -178,18 +175,27 @@ def _digests(trajectory: ExpertTrajectory) -> list[str]:
     return digests
 
 
+def _save_atomic(path: Path, write) -> None:
+    """Write ``path`` through a temp file of this process and a rename; remove the temp file on failure."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def _write_meta(meta_path: Path, meta: dict) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=meta_path.parent, prefix="trajectory.", suffix=".tmp",
-                                     delete=False, encoding="utf-8") as handle:
-        json.dump(meta, handle)
-    os.replace(handle.name, meta_path)
+    _save_atomic(meta_path, lambda handle: handle.write(json.dumps(meta).encode("utf-8")))
 
 
 def _load_cached(folder: Path, meta_path: Path, learner: LearnerConfig, key: str) -> ExpertTrajectory | None:
     """Return the cached trajectory if its key and checkpoint digests match, else None (rebuild).
 
-    The folder name already carries the key; the stored key and the SHA-256
-    of every checkpoint catch files copied in from another expert and
+    The folder name already carries the key. The stored key and the SHA-256
+    of every checkpoint also catch files copied in from another expert, and
     truncated or emptied checkpoints. A cache written before the digests
     existed gets them now, from its files as they are.
     """
@@ -202,7 +208,11 @@ def _load_cached(folder: Path, meta_path: Path, learner: LearnerConfig, key: str
         return None
     digests = _digests(trajectory)
     if "sha256" not in meta:
-        _write_meta(meta_path, {**meta, "key": key, "sha256": digests})
+        try:
+            _write_meta(meta_path, {**meta, "key": key, "sha256": digests})
+        except OSError as exc:
+            # A read-only cache still loads; it only stays without digests.
+            logger.info("expert cache %s: cannot store checkpoint digests (%s)", folder, exc)
     elif meta["sha256"] != digests:
         changed = [e + 1 for e, (a, b) in enumerate(zip(meta["sha256"], digests)) if a != b]
         logger.warning("expert cache %s: checkpoint(s) of epoch %s changed since they were written; rebuilding it",

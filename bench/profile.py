@@ -508,9 +508,9 @@ def run(args: argparse.Namespace) -> int:
     return 0 if (frame["outcome"] == "ok").all() else 1
 
 
-# The sentence that says where best_s came from, in a table's Markdown note.
-_BEST_NOTE = re.compile(r"best_s(?: of [^:]*)?: mean over .*? with the profiled config(?: \(column config\))?\."
-                        r"(?: Other rows keep the earlier table's values \(.*?\)\.)? ?")
+# The sentence of a table's Markdown note that names the records behind best_s.
+_BEST_NOTE = re.compile(r"best_s: mean over .*? with the profiled config(?: \(column config\))?"
+                        r"(?:, by row: [^.]*)?\. ?")
 
 
 def _records_note(args: argparse.Namespace, budget: int, seq_len: int) -> str:
@@ -610,23 +610,37 @@ def rebuild(args: argparse.Namespace) -> int:
     if len(paragraphs) > 2 and paragraphs[0] == "# Cost profile":
         measured = _BEST_NOTE.sub("", paragraphs[1].strip()) + "\n\n"
         found = _BEST_NOTE.search(" ".join(paragraphs[1:3]))
-        earlier = found.group(0).strip() if found else ""
-        marker = "Other rows keep the earlier table's values ("
-        if marker in earlier:
-            # The kept rows' provenance is the one the earlier table itself kept.
-            earlier = earlier.split(marker, 1)[1].removesuffix(").")
+        earlier = found.group(0) if found else ""
+    keys = [f"{d}/{m}" for d, m in zip(frame["dataset"], frame["method"])]
+    # Each row's records suite(s): the new ones where refilled, else the earlier note's.
+    sources = _best_sources(earlier, [k for k, value in zip(keys, frame["best_s"]) if pd.notna(value)])
+    sources.update({key: ", ".join(args.records_suite) for key in refilled})
     rebuilt = f"Rebuilt from {path.name}: the timing and memory columns are as measured then. "
-    kept = frame["best_s"].notna() & ~pd.Series([f"{d}/{m}" in refilled for d, m in
-                                                  zip(frame["dataset"], frame["method"])], index=frame.index)
-    if kept.any() and earlier:
-        # Name which rows the new records filled, so the earlier rows keep their own provenance.
-        rebuilt += (f"best_s of {', '.join(refilled) or 'no row'}: mean over the untuned {budget}x{seq_len} "
-                    f"records of suite(s) {', '.join(args.records_suite)} with the profiled config. Other rows "
-                    f"keep the earlier table's values ({earlier.rstrip('. ')}).")
+    if len(set(sources.values())) > 1:
+        by_suite: dict[str, list[str]] = {}
+        for key in keys:
+            if key in sources:
+                by_suite.setdefault(sources[key], []).append(key)
+        rows = "; ".join(f"suite(s) {suite} for {', '.join(names)}" for suite, names in by_suite.items())
+        rebuilt += (f"best_s: mean over the untuned {budget}x{seq_len} records with the profiled config "
+                    f"(column config), by row: {rows}.")
     else:
         rebuilt += _records_note(args, budget, seq_len)
     write_tables(frame, path, f"{measured}{rebuilt.rstrip()}\n")
     return 0 if (frame["outcome"] == "ok").all() else 1
+
+
+def _best_sources(note: str, rows: list[str]) -> dict[str, str]:
+    """Map each ``dataset/method`` row with a best_s to the records suite(s) an earlier note names for it."""
+    by_row = re.search(r"by row: ([^.]*)\.", note)
+    if by_row:
+        sources = {}
+        for part in by_row.group(1).split("; "):
+            suite, _, names = part.removeprefix("suite(s) ").partition(" for ")
+            sources.update({name: suite for name in names.split(", ") if name in rows})
+        return sources
+    whole = re.search(r"records of suite\(s\) (.*?) with the profiled config", note)
+    return {row: whole.group(1) for row in rows} if whole else {}
 
 
 def _read_table(path: Path) -> pd.DataFrame:

@@ -81,12 +81,14 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
                 row[f"{split}_{name}"] = value
         row["_key"] = r.get("key")
         row["_setup"] = _setup_hash(r)
+        row["_written"] = r.get("written_at")
         rows.append(row)
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
-    frame = _drop_repeated_cells(_separate_setups(frame))
-    return frame.drop(columns=["_key", "_setup"])
+    _warn_mixed_setups(frame)
+    frame = _drop_repeated_cells(frame)
+    return frame.drop(columns=["_key", "_setup", "_written"])
 
 
 def _setup_hash(record: dict) -> str:
@@ -99,53 +101,55 @@ def _setup_hash(record: dict) -> str:
     except BenchError:
         reads_expert = True  # a method no longer registered: keep its expert in the hash
     return stable_hash({
-        "encoder": record.get("encoder"),
+        "encoder": record.get("encoder") if method != "pop" else None,
         "expert": record.get("expert") if reads_expert else None,
         "bench_version": (record.get("environment") or {}).get("bench_version"),
     }, length=4)
 
 
-def _separate_setups(frame: pd.DataFrame) -> pd.DataFrame:
-    """Give records of one config but another encoder, expert or harness version their own label.
+def _warn_mixed_setups(frame: pd.DataFrame) -> None:
+    """Warn when records of one config differ in encoder, expert schedule or harness version.
 
-    Within each group of equal cell key except the seed, the setup with the
-    most records (ties: the smaller hash) keeps the plain label, so archived
-    rows still match it; every other setup gets ``LABEL~SETUP``. Without this
-    the records of two setups would be averaged as seeds of one row.
+    Such records share a leaderboard row and are averaged as seeds.
+    NOTE: they are not split into rows of their own, because a label that
+    depends on which setups have records would change as records arrive and
+    leave the earlier rows of ``cells.csv`` behind as duplicates. Give such
+    runs their own suite name (``--name``) to rank them apart.
     """
     group_columns = [name for name in CELL_KEY if name not in ("seed", "budget", "seq_len")]
     keys = frame[group_columns].fillna("").astype(str).agg("|".join, axis=1)
-    frame = frame.copy()
     for _, part in frame.groupby(keys, sort=False):
-        setups = part["_setup"].value_counts()
-        if len(setups) < 2:
-            continue
-        ranked = sorted(setups.items(), key=lambda item: (-item[1], item[0]))
-        majority = ranked[0][0]
-        others = part.index[part["_setup"] != majority]
-        frame.loc[others, "config"] = frame.loc[others, "config"] + "~" + frame.loc[others, "_setup"]
-        logger.warning("%s/%s config %s: records of %d encoder/expert/harness setups; the less common ones are "
-                       "ranked apart as %s", part["dataset"].iloc[0], part["method"].iloc[0],
-                       part["config"].iloc[0], len(setups),
-                       ", ".join(sorted(set(frame.loc[others, "config"]))))
-    return frame
+        setups = sorted(part["_setup"].unique())
+        if len(setups) > 1:
+            logger.warning("%s/%s config %s: records of %d encoder/expert/harness setups (%s) share one row; "
+                           "run them under separate suite names (--name) to rank them apart",
+                           part["dataset"].iloc[0], part["method"].iloc[0], part["config"].iloc[0], len(setups),
+                           ", ".join(setups))
 
 
 def _drop_repeated_cells(frame: pd.DataFrame) -> pd.DataFrame:
     """Keep one record per cell, warning about the others, so no seed is averaged twice.
 
     Two records of one cell key (for instance, from before and after a method
-    version change) are different runs of the same seed.
+    version change) are different runs of the same seed. The ok one is
+    kept over one that failed or was capped, then the one written last
+    (records written before ``written_at`` existed count as oldest).
     """
+    frame = frame.copy()
+    frame["_rank_ok"] = frame["outcome"] == "ok"
+    frame["_rank_time"] = frame["_written"].fillna("")
+    order = frame.sort_values(["_rank_ok", "_rank_time"], ascending=False, kind="stable").index
+    frame = frame.loc[order]
     keys = pd.Series(_cell_keys(frame), index=frame.index)
     repeated = keys.duplicated(keep="first")
     for index in frame.index[repeated]:
-        first = frame.index[(keys == keys[index]) & ~repeated][0]
-        logger.warning("%s/%s budget %s seed %s has two records (keys %s and %s); only the first is ranked. "
-                       "Move the stale one out of the runs folder.", frame.at[index, "dataset"],
+        kept = frame.index[(keys == keys[index]) & ~repeated][0]
+        logger.warning("%s/%s budget %s seed %s has two records (keys %s and %s); only %s is ranked. "
+                       "Move the other out of the runs folder.", frame.at[index, "dataset"],
                        frame.at[index, "method"], frame.at[index, "budget"], frame.at[index, "seed"],
-                       frame.at[first, "_key"], frame.at[index, "_key"])
-    return frame.loc[~repeated].reset_index(drop=True)
+                       frame.at[kept, "_key"], frame.at[index, "_key"], frame.at[kept, "_key"])
+    kept_rows = frame.loc[~repeated].sort_index()
+    return kept_rows.drop(columns=["_rank_ok", "_rank_time"]).reset_index(drop=True)
 
 
 def read_archived_cells(path: Path) -> pd.DataFrame | None:
@@ -157,9 +161,9 @@ def read_archived_cells(path: Path) -> pd.DataFrame | None:
 
     Raises:
         BenchError: if the file cannot be parsed, lacks a cell-key column,
-            has a row without dataset, method or outcome, has an ok row with
-            an empty test metric, or does not end with a line break (signs
-            of a truncated file).
+            or has a row without dataset, method or outcome. Also if it looks
+            cut short: it has no final line break, or its ok last row lacks
+            metrics that the other rows of its protocol have.
     """
     path = Path(path)
     if not path.is_file():
@@ -177,12 +181,19 @@ def read_archived_cells(path: Path) -> pd.DataFrame | None:
         lines = ", ".join(str(index + 2) for index in incomplete.index[:5])
         raise BenchError(f"the earlier per-cell table {path} has rows without dataset, method or outcome "
                          f"(lines {lines}). {fix}")
+    # A cut-short file loses the end of its last row. Other rows may lack some
+    # metrics legitimately (a protocol with other cut-offs), so the last row
+    # is compared with the rows of its own protocol.
     metric_columns = [name for name in frame.columns if name.startswith("test_")]
-    broken = frame[(frame["outcome"] == "ok") & frame[metric_columns].isna().any(axis=1)] if metric_columns else []
-    if len(broken):
-        lines = ", ".join(str(index + 2) for index in broken.index[:5])
-        raise BenchError(f"the earlier per-cell table {path} has ok rows with empty test metrics (lines {lines}); "
-                         f"the file may be truncated. {fix}")
+    if len(frame) > 1 and metric_columns and frame["outcome"].iloc[-1] == "ok":
+        last = frame.iloc[-1]
+        peers = frame.iloc[:-1]
+        peers = peers[(peers["protocol"] == last["protocol"]) & (peers["outcome"] == "ok")]
+        expected = [name for name in metric_columns if peers[name].notna().any()]
+        if len(peers) and last[expected].isna().any():
+            raise BenchError(f"the earlier per-cell table {path} has an ok last row (line {len(frame) + 1}) "
+                             f"with empty test metrics that other rows of its protocol have; the file may be "
+                             f"truncated. {fix}")
     if path.stat().st_size and not path.read_bytes().endswith(b"\n"):
         raise BenchError(f"the earlier per-cell table {path} does not end with a line break, so its last row "
                          f"may be cut short. {fix}")

@@ -11,6 +11,7 @@ killed mid-cell leaves the finished cells untouched and no partial record.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 import tempfile
 import time
@@ -368,7 +369,8 @@ def _finished(previous: dict | None, key: str, caps: dict, cell: Cell, path: Pat
     """Return True when ``previous``, the record at the cell's path, finishes the cell.
 
     An ok record does. A capped record does only under the same caps, so
-    raising or removing a cap runs the cell again. A record whose stored key
+    raising or removing a cap runs the cell again; a capped record written
+    before records stored their caps runs again too, since its caps are unknown. A record whose stored key
     differs from its file name's (a copied or edited file) never does.
     """
     if not previous:
@@ -499,6 +501,8 @@ def run_suite(
                 "caps": caps,
                 "environment": env,
                 "cell_wall_s": time.perf_counter() - start,
+                # Orders two records of one cell in the report (the later one is ranked).
+                "written_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 **body,
             }
             write_json_atomic(path, record)

@@ -190,14 +190,16 @@ def open_study(settings: StudySettings, default_params: dict[str, Any] | None = 
 
 
 def _needs_default(study: optuna.Study) -> bool:
-    """True until the default config has a trial that is queued, running or finished.
+    """True until the default config has a trial that is queued, running, finished or raised.
 
-    A default trial that failed (its process was killed, or it raised) is
-    queued again, so the study always scores the default once. A trial that
-    failed as a surplus never ran and does not count.
+    A default trial whose process was killed or interrupted ends FAIL and is
+    queued again, so the study scores the default once. One whose objective
+    raised (user attribute ``raised``) would raise again, so it is not.
     """
     for trial in study.get_trials(deepcopy=False):
-        if trial.user_attrs.get("default") and trial.state != optuna.trial.TrialState.FAIL:
+        if not trial.user_attrs.get("default"):
+            continue
+        if trial.state != optuna.trial.TrialState.FAIL or trial.user_attrs.get("raised"):
             return False
     return True
 
@@ -227,7 +229,12 @@ def run_study(
         if len(earlier) >= settings.n_trials:
             trial.set_user_attr("surplus", True)
             raise SurplusTrial(f"trial {trial.number} exceeds the budget of {settings.n_trials} trials")
-        return objective(trial)
+        try:
+            return objective(trial)
+        except Exception as exc:
+            # Marks a failure of the config itself, as opposed to a killed process (see _needs_default).
+            trial.set_user_attr("raised", type(exc).__name__)
+            raise
 
     waiting = False
     while finished_trials(study) < settings.n_trials:
@@ -293,10 +300,22 @@ def default_params(method: str, base: dict[str, Any] | None = None) -> dict[str,
             The first trial therefore scores the config that 'run' would use.
     """
     method_cls = get_method(method)
-    probe_study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    trial = probe_study.ask()
-    names = set(method_cls.search_space(trial))
     defaults = config_dict(build_config(method_cls.Config, dict(base or {}), where=f"suite method {method!r}"))
+    # Ask with the defaults fixed, so a conditional parameter (one the space
+    # suggests only for some values of another) follows the default's branch.
+    probe_study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    probe_study.enqueue_trial(defaults)
+    trial = probe_study.ask()
+    with warnings.catch_warnings():
+        # Optuna warns about fixed values outside a numeric range; the trial still scores them.
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            names = set(method_cls.search_space(trial))
+        except ValueError as exc:
+            raise ConfigError(
+                f"tune: the suite's config of {method!r} has a value the search space cannot take as its "
+                f"first trial ({exc}); use one of the searched choices or drop the value"
+            ) from exc
     return {k: v for k, v in defaults.items() if k in names}
 
 
@@ -323,6 +342,8 @@ def tune(
             positive finite number, before the dataset loads.
     """
     get_method(method)
+    # Before the data loads: a suite value the search space rejects stops here.
+    defaults = default_params(method, suite.method_configs.get(method))
     if trial_wall_cap_s is not None:
         check_range("tune", "trial_wall_cap_s", float(trial_wall_cap_s), low=0, low_open=True)
     data = load_dataset(dataset, data_dir=data_dir, data_home=data_home,
@@ -331,7 +352,6 @@ def tune(
     if get_method(method).needs_expert:
         cache.expert()
     objective = method_objective(suite, cache, method, budget, settings.seed, trial_wall_cap_s)
-    defaults = default_params(method, suite.method_configs.get(method))
     if not defaults:
         # Nothing to search: every trial would repeat the default config.
         logger.info("method %s has an empty search space; running its default config once", method)

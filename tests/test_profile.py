@@ -251,16 +251,18 @@ def test_partial_refill_keeps_earlier_provenance(profile_run, tiny_suite, tmp_pa
                   seq_len=10)
     _write_record(tmp_path / "runs" / "later", "f", "steam", "foster", 4.0, _tiny_config("foster"),
                   n_sequences=5, seq_len=10)
+    _write_record(tmp_path / "runs" / "last", "z", "steam", "farzi", 8.0, _tiny_config("farzi"),
+                  n_sequences=5, seq_len=10)
     assert run(_rebuild_args(tiny_suite, tmp_path, table, "--records-suite", "tiny")) == 0
-    # A later refill from another folder fills foster only; td3's value still comes from 'tiny'.
-    for _ in range(2):
-        assert run(_rebuild_args(tiny_suite, tmp_path, table, "--records-suite", "later")) == 0
-        text = table.with_suffix(".md").read_text(encoding="utf-8")
-        assert "best_s of steam/foster: mean over the untuned 5x10 records of suite(s) later" in text
-        assert ("Other rows keep the earlier table's values (best_s: mean over the untuned 5x10 records of "
-                "suite(s) tiny") in text
-        assert text.count("Other rows keep") == 1
-    assert pd.read_csv(table).set_index("method").loc["td3", "best_s"] == pytest.approx(12.0)
+    # Later refills from other folders fill one row each; every row keeps naming its own source.
+    for suite in ("later", "later", "last"):
+        assert run(_rebuild_args(tiny_suite, tmp_path, table, "--records-suite", suite)) == 0
+    text = table.with_suffix(".md").read_text(encoding="utf-8")
+    assert ("by row: suite(s) later for steam/foster; suite(s) tiny for steam/td3; "
+            "suite(s) last for steam/farzi.") in text
+    assert text.count("best_s: mean over") == 1
+    best = pd.read_csv(table).set_index("method")["best_s"]
+    assert best.to_dict() == pytest.approx({"foster": 4.0, "td3": 12.0, "farzi": 8.0})
 
 
 def test_profile_rows_name_their_config(profile_run, tiny_suite):

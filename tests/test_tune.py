@@ -207,6 +207,29 @@ def test_default_params_follow_suite_values():
 
     assert default_params("foster", {"steps": 300})["steps"] == 300
     assert default_params("foster")["steps"] == 200
+    # lr_bias is searched only when item_bias is on; the default trial follows the suite's branch.
+    assert default_params("foster", {"item_bias": True, "lr_bias": 0.2})["lr_bias"] == 0.2
+    assert "lr_bias" not in default_params("foster")
+    with pytest.raises(ConfigError, match="'100' not in"):
+        default_params("foster", {"real_batch": 100})
+
+
+def test_default_trial_that_raised_is_not_queued_again(tmp_path):
+    # A config that raises would raise again on every resume and block the study.
+    settings = StudySettings(storage=f"sqlite:///{tmp_path / 'r.db'}", study_name="raises", n_trials=2)
+
+    def objective(trial):
+        x = trial.suggest_float("x", -1.0, 1.0)
+        if trial.user_attrs.get("default"):
+            raise FloatingPointError("the default config diverges")
+        return -x * x
+
+    run_study(settings, objective, {"x": 0.5})
+    study = run_study(settings, objective, {"x": 0.5})
+    defaults = [t for t in study.trials if t.user_attrs.get("default")]
+    assert [t.state.name for t in defaults] == ["FAIL"]
+    assert defaults[0].user_attrs["raised"] == "FloatingPointError"
+    assert finished_trials(study) == 2
 
 
 def test_pruned_trials_count_as_used(tmp_path):
