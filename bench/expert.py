@@ -11,9 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import pickle
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from bench.errors import DataError
 from bench.learner import LearnerConfig, TextSASRec, pad_sequences
 from bench.metrics import metrics_from_ranks
 from bench.progress import progress_bar
+from bench.records import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +152,7 @@ def build_expert(
             bar.update(len(batch))
         bar.close()
         # A temp name of this process alone: two processes may build one expert at once.
-        _save_atomic(folder / f"epoch_{epoch:03d}.pt", lambda handle: torch.save(model.state_dict(), handle))
+        write_atomic(folder / f"epoch_{epoch:03d}.pt", lambda handle: torch.save(model.state_dict(), handle))
         ndcg = metrics_from_ranks(rank_split(model, data, "valid"), (10,))["ndcg@10"]
         valid.append(ndcg)
         logger.info("expert %s epoch %d/%d: loss %.4f, valid NDCG@10 %.4f", data.name, epoch, config.epochs, loss.item(), ndcg)
@@ -175,20 +174,8 @@ def _digests(trajectory: ExpertTrajectory) -> list[str]:
     return digests
 
 
-def _save_atomic(path: Path, write) -> None:
-    """Write ``path`` through a temp file of this process and a rename; remove the temp file on failure."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _write_meta(meta_path: Path, meta: dict) -> None:
-    _save_atomic(meta_path, lambda handle: handle.write(json.dumps(meta).encode("utf-8")))
+    write_atomic(meta_path, lambda handle: handle.write(json.dumps(meta).encode("utf-8")))
 
 
 def _load_cached(folder: Path, meta_path: Path, learner: LearnerConfig, key: str) -> ExpertTrajectory | None:

@@ -7,7 +7,6 @@ per leaderboard group (dataset, protocol, hardware).
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import matplotlib
@@ -16,6 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+
+from bench.records import write_atomic  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +39,7 @@ def _label(row) -> str:
 
 def _save(fig, path: Path) -> None:
     """Save ``fig`` as PNG through a temp file and a rename, so a killed save leaves no truncated image."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        fig.savefig(tmp, dpi=120, format="png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, lambda handle: fig.savefig(handle, dpi=120, format="png"))
 
 
 def plot_accuracy_vs_cost(table: pd.DataFrame, path: Path, metric: str = "recall@10", title: str = "") -> Path | None:

@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 from importlib import metadata
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 from bench.profiling import hardware_info
 
@@ -60,21 +61,32 @@ def environment() -> dict:
     }
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write ``payload`` as JSON to ``path`` through a temp file and a rename."""
+def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write ``path`` by calling ``write`` on a binary temp file of this process, then renaming it.
+
+    Readers never see a partial file, and two processes writing one path
+    never share a temp file. The temp file is removed when ``write`` fails.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=2, sort_keys=True, default=str)
-            fh.flush()
-            os.fsync(fh.fileno())
-        # mkstemp creates the file as 0600; records are meant to be shared.
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        # mkstemp creates the file as 0600, but outputs and caches are meant to be shared.
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write ``payload`` as JSON to ``path`` through a temp file and a rename."""
+    text = json.dumps(payload, indent=2, sort_keys=True, default=str)
+    write_atomic(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 # Fields every leaderboard row reads from a record.

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +35,7 @@ from tabulate import tabulate
 
 from bench.config import stable_hash
 from bench.errors import BenchError
+from bench.records import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -143,13 +142,13 @@ def _drop_repeated_cells(frame: pd.DataFrame) -> pd.DataFrame:
     keys = pd.Series(_cell_keys(frame), index=frame.index)
     repeated = keys.duplicated(keep="first")
     for index in frame.index[repeated]:
-        kept = frame.index[(keys == keys[index]) & ~repeated][0]
+        ranked = frame.index[(keys == keys[index]) & ~repeated][0]
         logger.warning("%s/%s budget %s seed %s has two records (keys %s and %s); only %s is ranked. "
                        "Move the other out of the runs folder.", frame.at[index, "dataset"],
                        frame.at[index, "method"], frame.at[index, "budget"], frame.at[index, "seed"],
-                       frame.at[kept, "_key"], frame.at[index, "_key"], frame.at[kept, "_key"])
-    kept_rows = frame.loc[~repeated].sort_index()
-    return kept_rows.drop(columns=["_rank_ok", "_rank_time"]).reset_index(drop=True)
+                       frame.at[ranked, "_key"], frame.at[index, "_key"], frame.at[ranked, "_key"])
+    unique = frame.loc[~repeated].sort_index()
+    return unique.drop(columns=["_rank_ok", "_rank_time"]).reset_index(drop=True)
 
 
 def read_archived_cells(path: Path) -> pd.DataFrame | None:
@@ -546,17 +545,8 @@ def write_reports(records, folder: Path, metrics=DEFAULT_METRICS, title: str | N
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        # mkstemp creates the file as 0600, but reports are meant to be shared.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write ``text`` to ``path`` as UTF-8 through a temporary file in the same folder and a rename."""
+    write_atomic(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 @contextlib.contextmanager

@@ -4,8 +4,8 @@ Each cell's key is hashed from the method and its resolved config, the
 budget, the seed, the dataset fingerprint and processing config, the
 protocol hash, the encoder and expert configs and the harness version. A
 cell whose record exists with outcome ``ok`` is skipped on rerun, and a
-``capped`` one only under the same caps; a ``failed`` cell runs again. Records are written atomically, so a run
-killed mid-cell leaves the finished cells untouched and no partial record.
+``capped`` one only under the same caps. A ``failed`` cell runs again.
+Records are written atomically, so a run killed mid-cell leaves the finished cells untouched and no partial record.
 """
 
 from __future__ import annotations
@@ -369,14 +369,15 @@ def _finished(previous: dict | None, key: str, caps: dict, cell: Cell, path: Pat
     """Return True when ``previous``, the record at the cell's path, finishes the cell.
 
     An ok record does. A capped record does only under the same caps, so
-    raising or removing a cap runs the cell again; a capped record written
-    before records stored their caps runs again too, since its caps are unknown. A record whose stored key
-    differs from its file name's (a copied or edited file) never does.
+    raising or removing a cap runs the cell again. A capped record written
+    before records stored their caps also runs again, because its caps are
+    unknown. A record whose stored key differs from its file name's (a copied
+    or edited file) never finishes the cell.
     """
     if not previous:
         return False
     if previous.get("key") != key:
-        logger.warning("record %s holds key %r, not the cell's %r; the cell runs again", path,
+        logger.warning("record %s contains key %r, not the cell's %r; the cell runs again", path,
                        previous.get("key"), key)
         return False
     if previous.get("outcome") == "ok":

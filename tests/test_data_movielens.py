@@ -159,7 +159,7 @@ def test_wheel_checksum_mismatch_raises(tmp_path, monkeypatch):
     assert not (tmp_path / movielens.INTER_FILE).exists()
 
 
-def test_copy_in_data_dir_is_read_before_data_home(tmp_path, local_server):
+def test_data_dir_copy_read_first(tmp_path, local_server):
     root, base = local_server
     (root / "ml-100k.zip").write_bytes(grouplens_zip())
     placed = tmp_path / "data" / "ml-100k"

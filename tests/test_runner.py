@@ -262,12 +262,12 @@ def test_record_with_another_key_is_not_trusted(shared_data, tmp_path, caplog):
     path.write_text(json.dumps({**first, "key": "copied-from-elsewhere"}), encoding="utf-8")
     with caplog.at_level(logging.WARNING, logger="bench.runner"):
         again = run_suite(suite, data_dir=shared_data, out_dir=tmp_path, progress=False)
-    assert "holds key 'copied-from-elsewhere'" in caplog.text
+    assert "contains key 'copied-from-elsewhere'" in caplog.text
     assert [r["key"] for r in again] == [first["key"]]
 
 
 def test_unwritable_records_folder_stops_before_any_cell(shared_data, tmp_path):
-    # A file where the runs folder belongs: root ignores permission bits, so this stands in for a read-only folder.
+    # A file in place of the runs folder: root ignores permission bits, so this replaces a read-only folder.
     (tmp_path / "runs").write_text("not a folder", encoding="utf-8")
     suite = suite_from_mapping({**TINY, "methods": ["random"], "include_pop": False})
     with pytest.raises(BenchError, match="cannot write records under .*pass a writable --out"):

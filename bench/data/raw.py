@@ -256,8 +256,8 @@ def read_yelp(
     Returns:
         The reviews as interactions in file order, with dates read as UTC
         because the files carry no time zone, and the text of each business
-        that has at least one of the text fields; when a business_id repeats,
-        the first line with text wins and the repeats are counted in the log.
+        that has at least one of the text fields. When a business_id repeats,
+        the first line with text wins, and the log counts the repeats.
 
     Raises:
         DataError: a file is missing or a line or date is malformed; the
