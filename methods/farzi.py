@@ -254,10 +254,13 @@ class Farzi(Method):
             bar.update(1)
             bar.set_postfix(loss=f"{losses['outer_loss']:.3f}")
             if step % config.log_every == 0 or step == config.steps:
+                error = losses["reconstruction_error"]
+                # With fewer inner steps than checkpoint_every, no stored iterate is compared.
+                error_text = "not checked" if error is None else f"{error:.2g}"
                 logger.info(
                     "farzi step %d/%d: outer %.4f, inner %.4f -> %.4f, reconstruction error %s, %.1f s/step",
                     step, config.steps, losses["outer_loss"], losses["inner_loss_first"],
-                    losses["inner_loss_last"], losses["reconstruction_error"], step_seconds[-1],
+                    losses["inner_loss_last"], error_text, step_seconds[-1],
                 )
             score = selector.offer(step, config.steps, {"latent": latent, "decoder": decoder}, build)
             if score is not None:
