@@ -7,8 +7,9 @@ for a default or suite config). Records that differ in protocol, dataset
 fingerprint or hardware are never ranked in one table: each combination gets
 its own table, and a note explains why there are several.
 
-Runs are deterministic for a seed across CPUs (cells run on two machines gave
-equal metrics), so accuracy can be pooled across machines where costs cannot.
+Runs of one seed agree across CPUs up to float rounding (cells run on two
+machines gave equal Recall@10 and NDCG@10, and metrics at larger cut-offs
+within 5e-7), so accuracy can be pooled across machines where costs cannot.
 When a dataset has cells from more than one machine,
 ``accuracy-across-hardware.md`` ranks them in one table per (dataset,
 fingerprint, protocol): a cell run on several machines counts once, the
@@ -413,7 +414,8 @@ def _labels(frame: pd.DataFrame, variants: pd.Series) -> list[str]:
 def render_pooled_markdown(boards, metrics=DEFAULT_METRICS) -> str:
     """Render :func:`pooled_leaderboards` output as Markdown text."""
     parts = ["# Accuracy across machines\n",
-             "Runs are deterministic for a seed, so accuracy is ranked over cells from several machines. "
+             "Runs of one seed agree across CPUs up to float rounding, so accuracy is ranked over cells "
+             "from several machines; the line under each heading gives the largest difference between copies of one cell. "
              "Costs differ between machines: `leaderboard.md` ranks each machine apart, and here a row "
              "shows costs only when all its cells ran on one machine.\n"]
     headers = _headers(metrics)
@@ -421,7 +423,7 @@ def render_pooled_markdown(boards, metrics=DEFAULT_METRICS) -> str:
     for info, table in boards:
         parts.append(f"## {info['dataset']}\n")
         agreement = ("" if not info["shared_cells"] else
-                     f" {info['shared_cells']} cells ran on more than one machine; their test metrics differ "
+                     f" {info['shared_cells']} cells ran on more than one machine; their test {', '.join(metrics)} differ "
                      f"by at most {info['max_abs_diff']:.2g}, and each counts once.")
         parts.append(f"Dataset fingerprint `{info['fingerprint']}`, protocol `{info['protocol']}`, machines: "
                      f"{'; '.join(info['hardware'])}.{agreement}\n")

@@ -353,6 +353,7 @@ def test_pooled_counts_shared_cell_once(tmp_path, caplog):
     text = paths["pooled"].read_text(encoding="utf-8")
     assert "cpu A; cpu B" in text
     assert "1 cells ran on more than one machine" in text
+    assert "their test recall@10, ndcg@10 differ by at most 0," in text
 
 
 def test_pooled_warns_when_copies_differ(caplog):
