@@ -7,9 +7,11 @@ for a default or suite config). Records that differ in protocol, dataset
 fingerprint or hardware are never ranked in one table: each combination gets
 its own table, and a note explains why there are several.
 
-Runs of one seed agree across CPUs up to float rounding (cells run on two
-machines gave equal Recall@10 and NDCG@10, and metrics at larger cut-offs
-within 5e-7), so accuracy can be pooled across machines where costs cannot.
+Most runs of one seed give the same metrics on different CPUs (FOSTER,
+the coresets and full data did on two machines), so accuracy can be pooled
+across machines where costs cannot. TD3 and Farzi need not: their unrolled
+inner loops can grow rounding differences into different results, so the
+pooled table names each cell whose copies differ.
 When a dataset has cells from more than one machine,
 ``accuracy-across-hardware.md`` ranks them in one table per (dataset,
 fingerprint, protocol): a cell run on several machines counts once, the
@@ -344,6 +346,8 @@ def leaderboards(records, metrics=DEFAULT_METRICS,
     return out
 
 
+# Copies of one cell whose test metrics differ by more than this are named as differing.
+_COPY_TOLERANCE = 1e-9
 _COST_COLUMNS = ("distill_wall_s", "distill_peak_rss_mib")
 
 
@@ -374,14 +378,20 @@ def pooled_leaderboards(records, metrics=DEFAULT_METRICS,
         cell = pd.Series(_pooled_keys(ok), index=ok.index)
         copies = cell[cell.duplicated(keep=False)]
         diff = 0.0
+        # (difference, "method budget seed") of each copied cell whose copies differ.
+        differing: list[tuple[float, str]] = []
         columns = [f"test_{m}" for m in metrics if f"test_{m}" in ok]
         for _, index in copies.groupby(copies).groups.items():
             spread = ok.loc[index, columns].astype(float)
-            diff = max(diff, float((spread.max() - spread.min()).max()))
+            cell_diff = float((spread.max() - spread.min()).max())
+            diff = max(diff, cell_diff)
+            if cell_diff > _COPY_TOLERANCE:
+                differing.append((cell_diff, _cell_name(ok.loc[index[0]])))
+        differing.sort(key=lambda item: -item[0])
         shared = int(copies.nunique())
-        if diff > 1e-9:
-            logger.warning("%s: cells run on several machines differ by up to %.3g in test metrics",
-                           values[0], diff)
+        if differing:
+            logger.warning("%s: cells run on several machines differ by up to %.3g in test metrics: %s",
+                           values[0], diff, ", ".join(f"{name} ({d:.2g})" for d, name in differing))
         # Failed copies of a cell that finished elsewhere are dropped; the ok copy stands for the cell.
         failed = group[group["outcome"] != "ok"]
         failed = failed[~pd.Series(_pooled_keys(failed), index=failed.index).isin(set(cell))]
@@ -395,9 +405,17 @@ def pooled_leaderboards(records, metrics=DEFAULT_METRICS,
         for column in _COST_COLUMNS:
             table.loc[table["machines"] > 1, column] = np.nan
         info = dict(zip(keys, values))
-        info.update(hardware=sorted(hardware.unique()), shared_cells=shared, max_abs_diff=diff)
+        info.update(hardware=sorted(hardware.unique()), shared_cells=shared, max_abs_diff=diff,
+                    differing=[name for _, name in differing])
         out.append((info, table))
     return out
+
+
+def _cell_name(row: pd.Series) -> str:
+    """Return a cell's short name for messages: method, budget (or "all") and seed."""
+    budget = "all" if pd.isna(row.get("budget")) else f"{int(row['budget'])}"
+    seed = "" if pd.isna(row.get("seed")) else f" seed {int(row['seed'])}"
+    return f"{row['method']} {budget}{seed}"
 
 
 def _pooled_keys(frame: pd.DataFrame) -> list[tuple]:
@@ -414,8 +432,11 @@ def _labels(frame: pd.DataFrame, variants: pd.Series) -> list[str]:
 def render_pooled_markdown(boards, metrics=DEFAULT_METRICS) -> str:
     """Render :func:`pooled_leaderboards` output as Markdown text."""
     parts = ["# Accuracy across machines\n",
-             "Runs of one seed agree across CPUs up to float rounding, so accuracy is ranked over cells "
-             "from several machines; the line under each heading gives the largest difference between copies of one cell. "
+             "Most runs of one seed give the same metrics on different CPUs, so accuracy is ranked over cells "
+             "from several machines. Long chains of dependent updates, such as the unrolled inner loops of TD3 "
+             "and Farzi, can grow rounding differences between CPUs into different results, so the line under "
+             "each heading names the cells whose copies differ. A cell run on several machines counts once, "
+             "with the copy of the machine named first. "
              "Costs differ between machines: `leaderboard.md` ranks each machine apart, and here a row "
              "shows costs only when all its cells ran on one machine.\n"]
     headers = _headers(metrics)
@@ -425,6 +446,8 @@ def render_pooled_markdown(boards, metrics=DEFAULT_METRICS) -> str:
         agreement = ("" if not info["shared_cells"] else
                      f" {info['shared_cells']} cells ran on more than one machine; their test {', '.join(metrics)} differ "
                      f"by at most {info['max_abs_diff']:.2g}, and each counts once.")
+        if info.get("differing"):
+            agreement += f" Cells whose copies differ, largest difference first: {', '.join(info['differing'])}."
         parts.append(f"Dataset fingerprint `{info['fingerprint']}`, protocol `{info['protocol']}`, machines: "
                      f"{'; '.join(info['hardware'])}.{agreement}\n")
         rows = _fmt_table(table, metrics)

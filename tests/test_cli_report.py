@@ -12,7 +12,7 @@ import pytest
 from bench.cli import main
 from bench.errors import BenchError
 from bench.report import (cells_frame, leaderboards, pooled_leaderboards, read_archived_cells, render_markdown,
-                          write_reports)
+                          render_pooled_markdown, write_reports)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -359,9 +359,20 @@ def test_pooled_counts_shared_cell_once(tmp_path, caplog):
 def test_pooled_warns_when_copies_differ(caplog):
     other = [_record("random", 20, 1, 0.07, cpu="cpu B")]
     with caplog.at_level(logging.WARNING):
-        (info, _), = pooled_leaderboards(RECORDS + other)
+        (info, table), = pooled_leaderboards(RECORDS + other)
     assert info["max_abs_diff"] == pytest.approx(0.01)
-    assert "differ by up to 0.01" in caplog.text
+    assert info["differing"] == ["random 20 seed 1"]
+    assert "differ by up to 0.01 in test metrics: random 20 seed 1 (0.01)" in caplog.text
+    # The copy of the machine named first counts ("cpu A", recall 0.06), not the mean of both copies.
+    row = table[table["method"] == "random"].iloc[0]
+    assert row["recall@10_mean"] == pytest.approx(0.05)
+
+
+def test_pooled_markdown_names_differing_cells():
+    other = [_record("random", 20, 1, 0.07, cpu="cpu B"), _record("full", None, 0, 0.10, cpu="cpu B")]
+    text = render_pooled_markdown(pooled_leaderboards(RECORDS + other))
+    assert "Cells whose copies differ, largest difference first: random 20 seed 1." in text
+    assert "full all seed 0" not in text
 
 
 def test_pooled_only_for_several_machines(tmp_path):
