@@ -8,7 +8,8 @@ fingerprint or hardware are never ranked in one table: each combination gets
 its own table, and a note explains why there are several.
 
 Most runs of one seed give the same metrics on different CPUs (FOSTER,
-the coresets and full data did on two machines), so accuracy can be pooled
+random subsets, full data and the popularity list did on two machines),
+so accuracy can be pooled
 across machines where costs cannot. TD3 and Farzi need not: their unrolled
 inner loops can grow rounding differences into different results, so the
 pooled table names each cell whose copies differ.
