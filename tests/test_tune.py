@@ -182,19 +182,20 @@ def test_default_config_enqueued_once(tmp_path):
     assert len(defaults) == 1
 
 
+def _raises_on_default(trial):
+    """Score ``-x**2``, raising FloatingPointError on the default trial as a diverging config would."""
+    x = trial.suggest_float("x", -1.0, 1.0)
+    if trial.user_attrs.get("default"):
+        raise FloatingPointError("the default config diverges")
+    return -x * x
+
+
 def test_failed_default_trial_is_queued_again(tmp_path):
     # A default trial whose process died ends FAIL; the resumed study must still score the default.
     settings = StudySettings(storage=f"sqlite:///{tmp_path / 'f.db'}", study_name="again", n_trials=2)
-
-    def dies_on_default(trial):
-        x = trial.suggest_float("x", -1.0, 1.0)
-        if trial.user_attrs.get("default"):
-            raise FloatingPointError("simulated failure of the default trial")
-        return -x * x
-
     with pytest.raises(FloatingPointError):
         # Stop after the failed default: the objective raises out of optimize only on the first call here.
-        open_study(settings, {"x": 0.5}).optimize(dies_on_default, n_trials=1)
+        open_study(settings, {"x": 0.5}).optimize(_raises_on_default, n_trials=1)
     study = run_study(settings, _quadratic, {"x": 0.5})
     defaults = [t for t in study.trials if t.user_attrs.get("default")]
     assert [t.state.name for t in defaults] == ["FAIL", "COMPLETE"]
@@ -217,15 +218,8 @@ def test_default_params_follow_suite_values():
 def test_default_trial_that_raised_is_not_queued_again(tmp_path):
     # A config that raises would raise again on every resume and block the study.
     settings = StudySettings(storage=f"sqlite:///{tmp_path / 'r.db'}", study_name="raises", n_trials=2)
-
-    def objective(trial):
-        x = trial.suggest_float("x", -1.0, 1.0)
-        if trial.user_attrs.get("default"):
-            raise FloatingPointError("the default config diverges")
-        return -x * x
-
-    run_study(settings, objective, {"x": 0.5})
-    study = run_study(settings, objective, {"x": 0.5})
+    run_study(settings, _raises_on_default, {"x": 0.5})
+    study = run_study(settings, _raises_on_default, {"x": 0.5})
     defaults = [t for t in study.trials if t.user_attrs.get("default")]
     assert [t.state.name for t in defaults] == ["FAIL"]
     assert defaults[0].user_attrs["raised"] == "FloatingPointError"
