@@ -9,10 +9,10 @@ its own table, and a note explains why there are several.
 
 Most runs of one seed give the same metrics on different CPUs (FOSTER,
 random subsets, full data and the popularity list did on two machines),
-so accuracy can be pooled
-across machines where costs cannot. TD3 and Farzi need not: their unrolled
-inner loops can grow rounding differences into different results, so the
-pooled table names each cell whose copies differ.
+so accuracy can be pooled across machines where costs cannot. TD3 and
+Farzi may not, because their unrolled inner loops can grow rounding
+differences into different results. The pooled table therefore names each
+cell whose copies differ.
 When a dataset has cells from more than one machine,
 ``accuracy-across-hardware.md`` ranks them in one table per (dataset,
 fingerprint, protocol): a cell run on several machines counts once, the
@@ -445,8 +445,8 @@ def render_pooled_markdown(boards, metrics=DEFAULT_METRICS) -> str:
     for info, table in boards:
         parts.append(f"## {info['dataset']}\n")
         agreement = ("" if not info["shared_cells"] else
-                     f" {info['shared_cells']} cells ran on more than one machine; their test {', '.join(metrics)} differ "
-                     f"by at most {info['max_abs_diff']:.2g}, and each counts once.")
+                     f" {info['shared_cells']} cells ran on more than one machine; their test "
+                     f"{', '.join(metrics)} differ by at most {info['max_abs_diff']:.2g}, and each counts once.")
         if info.get("differing"):
             agreement += f" Cells whose copies differ, largest difference first: {', '.join(info['differing'])}."
         parts.append(f"Dataset fingerprint `{info['fingerprint']}`, protocol `{info['protocol']}`, machines: "
